@@ -1,0 +1,341 @@
+"""The Python API: train, resume, embed, evaluate, import/export scvi-tools. The CLI calls only this.
+
+A run directory holds ``config.yaml`` (the resolved config), ``model.pt`` (weights, gene names, batch
+categories; readable with ``torch.load(weights_only=True)``), ``metrics.csv``, ``split.npz`` (train and
+validation rows) and ``checkpoints/last.pt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from scvi_scale.config import Config, config_from_dict, with_overrides
+from scvi_scale.data.memory import MemoryLoader, train_val_split
+from scvi_scale.infer.embed import latent_representation
+from scvi_scale.model import VAE, ModelConfig
+from scvi_scale.store.errors import InputError
+from scvi_scale.store.memory import MemoryStore
+from scvi_scale.train.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, MODEL_FORMAT, atomic_save, safe_load
+from scvi_scale.train.loop import FitResult, evaluate_elbo, fit
+from scvi_scale.train.optim import max_epochs_heuristic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """A trained model with what it was trained on: config, gene names, batch categories, metrics."""
+
+    path: Path | None
+    model: VAE
+    config: Config
+    var_names: list[str]
+    batch_key: str | None
+    batch_categories: list[str]
+    layer: str | None = None
+    max_epochs: int | None = None
+    fit_result: FitResult | None = None
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """Per-epoch metrics (empty when the run has none, e.g. an imported scvi-tools model)."""
+        if self.path is not None and (self.path / "metrics.csv").exists():
+            return pd.read_csv(self.path / "metrics.csv")
+        return pd.DataFrame()
+
+    def __repr__(self) -> str:
+        m = self.metrics
+        last = ""
+        if len(m):
+            row = m.iloc[-1]
+            val = row.get("validation/elbo", float("nan"))
+            last = f", epochs={len(m)}, train/elbo={row['train/elbo']:.3f}, validation/elbo={val:.3f}"
+        return (
+            f"Run(path={str(self.path)!r}, genes={len(self.var_names)}, batches={len(self.batch_categories)}, "
+            f"likelihood={self.config.model.gene_likelihood!r}{last})"
+        )
+
+    def model_meta(self) -> dict[str, Any]:
+        return {
+            "var_names": list(self.var_names),
+            "batch_key": self.batch_key,
+            "batch_categories": list(self.batch_categories),
+            "layer": self.layer,
+            "max_epochs": self.max_epochs,
+        }
+
+
+def open_counts(data: Any, layer: str | None = None, drop_empty_cells: bool = False) -> MemoryStore:
+    """Open counts from an ``.h5ad`` path, an AnnData or a :class:`MemoryStore` (validated)."""
+    if isinstance(data, MemoryStore):
+        return data
+    if isinstance(data, (str, Path)):
+        from scvi_scale.store.h5ad import read_h5ad
+
+        return read_h5ad(data, layer=layer, drop_empty_cells=drop_empty_cells)
+    import anndata
+
+    if isinstance(data, anndata.AnnData):
+        return MemoryStore.from_anndata(data, layer=layer, drop_empty_cells=drop_empty_cells)
+    raise InputError(f"cannot read counts from {type(data).__name__}; pass an .h5ad path or an AnnData")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out} already exists and is not empty; choose a new --out, or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def train(
+    source: Any,
+    out: str | Path | None,
+    config: Config | None = None,
+    *,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    **sections: dict[str, Any],
+) -> Run:
+    """Train scVI on counts and write a run directory.
+
+    Parameters
+    ----------
+    source
+        An ``.h5ad`` path (raw counts in ``X`` or ``config.data.layer``), an AnnData or a MemoryStore.
+    out
+        Run directory to create (None: train in memory only).
+    config
+        The config tree; keyword sections override it, e.g. ``train={"max_epochs": 20}``.
+    resume
+        A checkpoint file or a run directory to continue from; the saved config is used.
+
+    Examples
+    --------
+    >>> run = train("atlas.h5ad", "runs/a", data={"batch_key": "batch"}, train={"max_epochs": 20})  # doctest: +SKIP
+    """
+    ckpt = None
+    if resume is not None:
+        ckpt = Path(resume) / "checkpoints" / "last.pt" if Path(resume).is_dir() else Path(resume)
+        saved = safe_load(ckpt, CHECKPOINT_FORMAT)
+        config = config_from_dict(saved["config"])
+        if sections.get("train", {}).get("max_epochs"):
+            config = dataclasses.replace(
+                config, train=dataclasses.replace(config.train, max_epochs=int(sections["train"]["max_epochs"]))
+            )
+        out = Path(out) if out is not None else ckpt.parent.parent
+    else:
+        config = with_overrides(config, **sections)
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    dc, tc = config.data, config.train
+    store = open_counts(source, dc.layer, dc.drop_empty_cells)
+    codes, categories = store.batch_codes(dc.batch_key)
+    n_batch = len(categories)
+    lib_means = lib_vars = None
+    if not config.model.use_observed_lib_size:
+        lib_means, lib_vars = store.library_log_stats(codes, n_batch)
+    split_seed = tc.seed if dc.shuffle_seed is None else dc.shuffle_seed
+    train_rows, val_rows = train_val_split(store.n_obs, dc.train_size, split_seed, dc.batch_size)
+    max_epochs = tc.max_epochs or max_epochs_heuristic(store.n_obs)
+    torch.manual_seed(tc.seed)  # the initial weights depend on the seed only
+    model = VAE(store.n_vars, n_batch, config.model, lib_means, lib_vars)
+    run = Run(
+        Path(out) if out is not None else None,
+        model,
+        config,
+        [str(v) for v in store.var_names],
+        dc.batch_key,
+        list(categories),
+        dc.layer,
+        max_epochs,
+    )
+    if run.path is not None:
+        if ckpt is None:
+            _prepare_out(run.path, overwrite)
+        (run.path / "config.yaml").write_text(config.to_yaml())
+        np.savez(run.path / "split.npz", train=train_rows, validation=val_rows)
+    train_loader = MemoryLoader(store.X, codes, train_rows, dc.batch_size, shuffle=True, seed=tc.seed)
+    val_loader = MemoryLoader(store.X, codes, val_rows, dc.batch_size, shuffle=False) if len(val_rows) else None
+    log.info("training on %d cells x %d genes, %d batches, %d epochs", store.n_obs, store.n_vars, n_batch, max_epochs)
+    run.fit_result = fit(
+        model,
+        train_loader,
+        val_loader,
+        tc,
+        max_epochs,
+        run_dir=run.path,
+        resume_from=ckpt,
+        extra_state={"config": config.to_dict(), "meta": run.model_meta()},
+        device=device or "cpu",
+    )
+    model.eval()
+    if run.path is not None:
+        save_model(run)
+    return run
+
+
+def save_model(run: Run) -> Path:
+    """Write ``model.pt`` (weights, config and data meta; tensors and plain values only)."""
+    assert run.path is not None
+    return atomic_save(
+        {
+            "format": MODEL_FORMAT,
+            "version": FORMAT_VERSION,
+            "state_dict": run.model.state_dict(),
+            "config": run.config.to_dict(),
+            "meta": run.model_meta(),
+            "n_genes": run.model.n_genes,
+            "n_batch": run.model.n_batch,
+        },
+        run.path / "model.pt",
+    )
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Load a run directory written by :func:`train` or :func:`import_scvi_tools` (model in eval mode)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "model.pt").is_file():
+        raise InputError(f"{run_dir} has no model.pt; pass a run directory written by `scvi-scale train`")
+    saved = safe_load(run_dir / "model.pt", MODEL_FORMAT)
+    config = config_from_dict(saved["config"])
+    model = VAE(
+        int(saved["n_genes"]),
+        int(saved["n_batch"]),
+        config.model,
+        *(
+            (np.zeros(saved["n_batch"]), np.ones(saved["n_batch"]))
+            if not config.model.use_observed_lib_size
+            else (None, None)
+        ),
+    )
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    meta = saved["meta"]
+    return Run(
+        run_dir,
+        model,
+        config,
+        list(meta["var_names"]),
+        meta["batch_key"],
+        list(meta["batch_categories"]),
+        meta.get("layer"),
+        meta.get("max_epochs"),
+    )
+
+
+def _aligned_loader(run: Run, data: Any, batch_size: int) -> tuple[MemoryStore, MemoryLoader]:
+    """Open ``data`` for a trained run: same genes in the same order, batches mapped to the run's codes."""
+    store = open_counts(data, run.layer)
+    names = [str(v) for v in store.var_names]
+    if names != run.var_names:
+        if len(names) != len(run.var_names):
+            raise InputError(
+                f"{store.source}: {len(names)} genes, but the model was trained on "
+                f"{len(run.var_names)}; subset the data to the model's genes"
+            )
+        first = next(i for i, (a, b) in enumerate(zip(names, run.var_names, strict=True)) if a != b)
+        raise InputError(
+            f"{store.source}: gene {first} is {names[first]!r} but the model expects "
+            f"{run.var_names[first]!r}; reorder the genes to the model's order"
+        )
+    codes, _ = store.batch_codes(run.batch_key, categories=run.batch_categories)
+    return store, MemoryLoader(store.X, codes, None, batch_size, shuffle=False)
+
+
+def embed(run: Run | str | Path, data: Any, out: str | Path | None = None, batch_size: int = 1024):
+    """Posterior mean of z for every cell (``obsm["X_scvi"]``); writes an ``.h5ad`` when ``out`` is given.
+
+    Returns an AnnData with the input's obs and var, the counts in ``X`` and ``X_scvi`` / ``X_scvi_var``.
+    """
+    import anndata
+
+    run = load_run(run) if not isinstance(run, Run) else run
+    store, loader = _aligned_loader(run, data, batch_size)
+    mean, var, _ = latent_representation(run.model, loader)
+    adata = anndata.AnnData(X=store.X, obs=store.obs.copy(), var=pd.DataFrame(index=pd.Index(run.var_names)))
+    adata.obsm["X_scvi"] = mean.astype(np.float32)
+    adata.obsm["X_scvi_var"] = var.astype(np.float32)
+    adata.uns["scvi_scale"] = {"run": str(run.path), "batch_key": run.batch_key or "", "config": run.config.to_yaml()}
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        adata.write_h5ad(tmp)
+        tmp.replace(out)
+    return adata
+
+
+def evaluate(run: Run | str | Path, data: Any, batch_size: int = 1024) -> dict[str, float]:
+    """Per-cell negative ELBO and its parts over all cells of ``data``, KL weight 1, eval mode.
+
+    Same definitions as scvi-tools' ``elbo_validation`` family: ``elbo = reconstruction_loss + kl_local``
+    (``kl_global`` is 0 for scVI); lower is better.
+    """
+    run = load_run(run) if not isinstance(run, Run) else run
+    _, loader = _aligned_loader(run, data, batch_size)
+    raw = evaluate_elbo(run.model, loader, kl_weight=1.0, prefix="m")
+    return {
+        "n_cells": int(raw["m/n_obs"]),
+        "elbo": raw["m/elbo"],
+        "reconstruction_loss": raw["m/reconstruction_loss"],
+        "kl_local": raw["m/kl_local"],
+        "kl_global": 0.0,
+    }
+
+
+def import_scvi_tools(src: str | Path, out: str | Path, overwrite: bool = False) -> Run:
+    """Turn a directory saved by scvi-tools' ``SCVI.save`` into a run directory."""
+    from scvi_scale.model.scvi_tools_io import complete_model_kwargs, read_scvi_tools
+
+    st = read_scvi_tools(src)
+    kwargs = complete_model_kwargs(st.model_kwargs)  # our ModelConfig fields carry scvi-tools' names
+    mcfg = ModelConfig(**{f.name: kwargs[f.name] for f in dataclasses.fields(ModelConfig) if f.name in kwargs})
+    n_genes, n_batch = len(st.var_names), max(len(st.batch_categories), 1)
+    lib = (None, None)
+    if not mcfg.use_observed_lib_size:
+        lib = (st.state_dict["library_log_means"].numpy(), st.state_dict["library_log_vars"].numpy())
+    model = VAE(n_genes, n_batch, mcfg, *lib)
+    ours = model.state_dict()
+    model.load_state_dict({k: st.state_dict[k] for k in ours})
+    model.eval()
+    config = dataclasses.replace(
+        Config(), model=mcfg, data=dataclasses.replace(Config().data, batch_key=st.batch_key, layer=st.layer)
+    )
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    (out / "config.yaml").write_text(config.to_yaml())
+    run = Run(
+        out,
+        model,
+        config,
+        [str(v) for v in st.var_names],
+        st.batch_key,
+        [str(c) for c in st.batch_categories],
+        st.layer,
+    )
+    save_model(run)
+    return run
+
+
+def export_scvi_tools(run: Run | str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a directory that ``scvi.model.SCVI.load(out, adata=...)`` accepts."""
+    from scvi_scale.model.scvi_tools_io import ScviToolsModel, write_scvi_tools
+
+    run = load_run(run) if not isinstance(run, Run) else run
+    st = ScviToolsModel(
+        state_dict=dict(run.model.state_dict()),
+        model_kwargs=dataclasses.asdict(run.config.model),
+        var_names=list(run.var_names),
+        batch_key=run.batch_key,
+        batch_categories=list(run.batch_categories),
+        layer=run.layer,
+    )
+    return write_scvi_tools(out, st, overwrite=overwrite)

@@ -1,0 +1,192 @@
+"""The ``scvi-scale`` command: a thin layer over :mod:`scvi_scale.api` that owns what the user sees."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from scvi_scale import __version__
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train scVI on an .h5ad of raw counts",
+        description="Train scVI on raw counts (X or --layer) and write a run directory.",
+    )
+    p.add_argument("data", help="input .h5ad with raw integer counts")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--batch-key", help="obs column holding the batch (default: one batch)")
+    p.add_argument("--layer", help="layer holding the raw counts (default: X)")
+    p.add_argument("--epochs", type=int, help="epochs (default: scvi-tools' heuristic, 400 up to 20k cells)")
+    p.add_argument("--batch-size", type=int, help="cells per minibatch (default 128)")
+    p.add_argument("--seed", type=int, help="seed for weights, split and minibatch order (default 0)")
+    p.add_argument("--config", help="YAML config file (sections: model, data, train)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config entry, e.g. --set model.n_latent=20 (repeatable)",
+    )
+    p.add_argument("--drop-empty-cells", action="store_true", help="drop cells with zero counts instead of failing")
+    p.add_argument("--resume", help="checkpoint file or run directory to continue from")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to exist and be replaced")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true", help="validate the config and print it; touch no data")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scvi-scale", description="Train scVI on atlases, faithful to scvi-tools.")
+    parser.add_argument("--version", action="version", version=f"scvi-scale {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser(
+        "demo",
+        help="generate a synthetic atlas, train, embed and report (the main job)",
+        description="Generate the built-in synthetic atlas, train scVI, embed every cell and write "
+        "a report (loss curves, 2-D embedding coloured by batch and cell type, metrics JSON).",
+    )
+    p.add_argument("--out", default="scvi_scale_demo", help="output folder (default: ./scvi_scale_demo)")
+    p.add_argument("--n-cells", type=int, default=10_000, help="cells in the synthetic atlas (default 10000)")
+    p.add_argument("--n-genes", type=int, default=2_000, help="genes (default 2000)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_train(sub)
+    p = sub.add_parser(
+        "embed",
+        help="write the latent embedding obsm['X_scvi'] for every cell",
+        description="Embed every cell of DATA with a trained run; write an .h5ad with obsm['X_scvi'] "
+        "(posterior mean) and obsm['X_scvi_var'].",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("data")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p = sub.add_parser(
+        "evaluate",
+        help="negative ELBO per cell of a trained run on data",
+        description="Print the per-cell negative ELBO, reconstruction loss and KL (KL weight 1, eval "
+        "mode), as scvi-tools' elbo_validation family defines them.",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("data")
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p = sub.add_parser("import-scvi-tools", help="turn a scvi-tools SCVI.save directory into a run directory")
+    p.add_argument("scvi_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("export-scvi-tools", help="write a directory scvi.model.SCVI.load accepts")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from scvi_scale import api
+    from scvi_scale.config import load_config
+
+    overrides = list(args.set)
+    for flag, key in (
+        ("batch_key", "data.batch_key"),
+        ("layer", "data.layer"),
+        ("epochs", "train.max_epochs"),
+        ("batch_size", "data.batch_size"),
+        ("seed", "train.seed"),
+        ("threads", "train.num_threads"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.drop_empty_cells:
+        overrides.append("data.drop_empty_cells=true")
+    if args.no_progress:
+        overrides.append("train.progress=false")
+    config = load_config(args.config, overrides)
+    if args.dry_run:
+        print(config.to_yaml(), end="")
+        return 0
+    run = api.train(
+        args.data,
+        args.out,
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        train={"max_epochs": args.epochs} if args.resume and args.epochs else {},
+    )
+    print(run)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    from scvi_scale.config import ConfigError
+    from scvi_scale.store.errors import InputError
+    from scvi_scale.train.loop import TrainingInterrupted
+
+    try:
+        return _dispatch(args)
+    except (InputError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingInterrupted as err:
+        print(f"{err}", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from scvi_scale import api
+
+    if args.command == "train":
+        return _train(args)
+    if args.command == "demo":
+        from scvi_scale.demo import run_demo
+
+        report = run_demo(
+            Path(args.out),
+            n_cells=args.n_cells,
+            n_genes=args.n_genes,
+            epochs=args.epochs,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+        print(json.dumps(report["summary"], indent=2))
+        print(f"report: {Path(args.out) / 'report'}")
+        return 0
+    if args.command == "embed":
+        adata = api.embed(args.run_dir, args.data, args.out, batch_size=args.batch_size)
+        print(f"wrote {args.out}: obsm['X_scvi'] {adata.obsm['X_scvi'].shape}")
+        return 0
+    if args.command == "evaluate":
+        result = api.evaluate(args.run_dir, args.data, batch_size=args.batch_size)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for k, v in result.items():
+                print(f"{k:>20}  {v}")
+        return 0
+    if args.command == "import-scvi-tools":
+        print(api.import_scvi_tools(args.scvi_dir, args.out, overwrite=args.overwrite))
+        return 0
+    if args.command == "export-scvi-tools":
+        print(f"wrote {api.export_scvi_tools(args.run_dir, args.out, overwrite=args.overwrite)}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""Count stores: the ``CountStore`` contract, its backends, and count validation.
+
+Public API
+----------
+- :class:`InputError`: one-line, user-facing error for bad files, layers, columns and counts.
+- :func:`validate_counts`, :func:`check_count_block`, :func:`check_var_names`: the "counts are counts" checks.
+- :class:`MemoryStore`: validated counts held in memory (tests, notebooks, small files).
+- :func:`read_h5ad`: an ``.h5ad`` file as a :class:`MemoryStore`.
+"""
+
+from __future__ import annotations
+
+from scvi_scale.store.errors import InputError
+from scvi_scale.store.h5ad import read_h5ad
+from scvi_scale.store.memory import MemoryStore, category_codes, library_log_stats_from_totals
+from scvi_scale.store.validate import ValidatedCounts, check_count_block, check_var_names, validate_counts
+
+__all__ = [
+    "InputError",
+    "MemoryStore",
+    "ValidatedCounts",
+    "category_codes",
+    "check_count_block",
+    "check_var_names",
+    "library_log_stats_from_totals",
+    "read_h5ad",
+    "validate_counts",
+]

@@ -1,0 +1,315 @@
+"""The one training loop: plain, torchrun and Ray launchers all call :func:`fit`.
+
+It takes loaders that yield :class:`~scvi_scale.data.Batch` minibatches, so nothing here assumes the
+data is in memory. Per epoch it logs scvi-tools' metrics (``train/loss`` with the current KL weight, and the
+unweighted ``elbo``, ``reconstruction_loss``, ``kl_local`` per cell), validates, checkpoints atomically
+and can stop early on the validation ELBO. A checkpoint holds model, optimizer, loader position, RNG
+state and the resolved config; resuming from one replays exactly the batches that were left.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from scvi_scale.config import TrainConfig
+from scvi_scale.data.batch import Batch
+from scvi_scale.train.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, safe_load
+from scvi_scale.train.metrics import MetricsLog
+from scvi_scale.train.optim import kl_weight, make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class Loader(Protocol):
+    """What the loop needs from a loader: epochs of minibatches and a resumable position."""
+
+    def __iter__(self) -> Iterable[Batch]: ...
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def state_dict(self, steps_done: int) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised (from KeyboardInterrupt) after a resumable checkpoint was written."""
+
+    def __init__(self, checkpoint: Path | None) -> None:
+        self.checkpoint = checkpoint
+        where = f"; resume with --resume {checkpoint}" if checkpoint else ""
+        super().__init__(f"training interrupted{where}")
+
+
+@dataclass
+class ElboSums:
+    """Running sums over cells of one epoch's loss terms (tensors until read, so GPUs need not sync)."""
+
+    loss: Any = 0.0
+    reconstruction: Any = 0.0
+    kl_local: Any = 0.0
+    n_obs: int = 0
+
+    def add(self, terms, n: int) -> None:
+        self.loss = self.loss + terms.loss.detach() * n
+        self.reconstruction = self.reconstruction + terms.reconstruction_n.detach().sum()
+        self.kl_local = self.kl_local + (terms.kl_z_n + terms.kl_l_n).detach().sum()
+        self.n_obs += n
+
+    def means(self, prefix: str) -> dict[str, float]:
+        n = max(self.n_obs, 1)
+        rec, kl = float(self.reconstruction) / n, float(self.kl_local) / n
+        return {
+            f"{prefix}/loss": float(self.loss) / n,
+            f"{prefix}/elbo": rec + kl,  # negative ELBO per cell (kl_global is 0 for scVI)
+            f"{prefix}/reconstruction_loss": rec,
+            f"{prefix}/kl_local": kl,
+        }
+
+    def state(self) -> dict[str, float]:
+        return {
+            "loss": float(self.loss),
+            "reconstruction": float(self.reconstruction),
+            "kl_local": float(self.kl_local),
+            "n_obs": self.n_obs,
+        }
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` did: epochs and steps run, the metric rows, and why it stopped."""
+
+    epochs: int
+    global_step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+    checkpoint: Path | None = None
+
+
+@torch.no_grad()
+def evaluate_elbo(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    kl_weight: float = 1.0,
+    device: str | torch.device = "cpu",
+    prefix: str = "validation",
+) -> dict[str, float]:
+    """Mean per-cell loss terms over a loader, model in eval mode (BN running stats, no dropout)."""
+    was_training = model.training
+    model.eval()
+    sums = ElboSums()
+    for batch in loader:
+        batch = batch.to(device)
+        sums.add(model(batch.x_ng, batch.batch_n, kl_weight, batch.nonzero), batch.n_obs)
+    model.train(was_training)
+    out = sums.means(prefix)
+    out[f"{prefix}/n_obs"] = sums.n_obs
+    return out
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Loader,
+    val_loader: Loader | None,
+    cfg: TrainConfig,
+    max_epochs: int,
+    *,
+    run_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    extra_state: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` for ``max_epochs`` epochs (or until early stopping).
+
+    Parameters
+    ----------
+    model
+        The VAE (or a DDP wrapper around it); called as ``model(x_ng, batch_n, kl_weight) -> LossTerms``.
+    train_loader, val_loader
+        Loaders of :class:`Batch`; ``val_loader`` may be None (no validation, no early stopping).
+    cfg
+        Optimiser, warm-up, checkpoint and early-stopping settings.
+    max_epochs
+        Epoch count (resolved by the caller, e.g. with scvi-tools' heuristic).
+    run_dir
+        Where ``metrics.csv`` and ``checkpoints/last.pt`` go; None keeps everything in memory.
+    resume_from
+        A checkpoint written by this loop; training continues exactly where it stopped.
+    extra_state
+        Plain data saved in every checkpoint (resolved config, gene names, batch categories).
+    """
+    run_dir = Path(run_dir) if run_dir is not None else None
+    ckpt_path = run_dir / "checkpoints" / "last.pt" if run_dir is not None else None
+    model.to(device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.eps, cfg.weight_decay)
+    metrics = MetricsLog(run_dir)
+    start_epoch, global_step, start_sums, resume_steps = 0, 0, None, 0
+    best, bad_epochs = math.inf, 0
+    if resume_from is not None:
+        state = safe_load(resume_from, CHECKPOINT_FORMAT)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        train_loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
+        start_sums, resume_steps = state.get("epoch_sums"), int(state["loader"]["step"])
+        best, bad_epochs = float(state.get("best", math.inf)), int(state.get("bad_epochs", 0))
+        metrics.truncate(start_epoch)
+        log.info("resuming at epoch %d, step %d of the epoch", start_epoch, resume_steps)
+    else:
+        torch.manual_seed(cfg.seed)
+
+    def checkpoint(epoch: int, steps_done: int, sums: ElboSums | None) -> Path | None:
+        if ckpt_path is None:
+            return None
+        return atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "version": FORMAT_VERSION,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "loader": train_loader.state_dict(steps_done),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "global_step": global_step,
+                "best": best,
+                "bad_epochs": bad_epochs,
+                "epoch_sums": sums.state() if sums is not None else None,
+                **(extra_state or {}),
+            },
+            ckpt_path,
+        )
+
+    steps_per_epoch = len(train_loader)
+    bar = _progress(cfg.progress, total=max_epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch)
+    result = FitResult(epochs=start_epoch, global_step=global_step, history=metrics.rows)
+    epoch = start_epoch
+    sums = ElboSums()
+    steps_done = 0
+    try:
+        for epoch in range(start_epoch, max_epochs):
+            train_loader.set_epoch(epoch)
+            model.train()
+            sums = ElboSums()
+            steps_done = 0
+            if start_sums is not None and epoch == start_epoch:
+                sums = ElboSums(**start_sums)
+                steps_done = resume_steps
+                bar.update(steps_done)
+            t_epoch = time.perf_counter()
+            data_s = step_s = 0.0
+            cells = 0
+            t0 = time.perf_counter()
+            for batch in train_loader:
+                batch = batch.to(device, non_blocking=True)
+                t1 = time.perf_counter()
+                w = kl_weight(
+                    epoch,
+                    global_step,
+                    cfg.n_epochs_kl_warmup,
+                    cfg.n_steps_kl_warmup,
+                    cfg.min_kl_weight,
+                    cfg.max_kl_weight,
+                )
+                terms = model(batch.x_ng, batch.batch_n, w, batch.nonzero)
+                optimizer.zero_grad(set_to_none=True)
+                terms.loss.backward()
+                optimizer.step()
+                global_step += 1
+                steps_done += 1
+                sums.add(terms, batch.n_obs)
+                cells += batch.n_obs
+                t2 = time.perf_counter()
+                data_s += t1 - t0
+                step_s += t2 - t1
+                t0 = t2
+                bar.update(1)
+                if bar.should_refresh():
+                    bar.set_postfix(
+                        epoch=epoch,
+                        elbo=f"{sums.means('t')['t/elbo']:.2f}",
+                        cells_s=f"{cells / max(time.perf_counter() - t_epoch, 1e-9):,.0f}",
+                    )
+                if cfg.checkpoint_every_n_steps and global_step % cfg.checkpoint_every_n_steps == 0:
+                    checkpoint(epoch, steps_done, sums)
+            epoch_s = time.perf_counter() - t_epoch
+            row: dict[str, Any] = {"epoch": epoch, "step": global_step, "kl_weight": w if steps_done else float("nan")}
+            row.update(sums.means("train"))
+            if val_loader is not None and len(val_loader) and (epoch + 1) % cfg.check_val_every_n_epoch == 0:
+                row.update(evaluate_elbo(model, val_loader, w, device))
+                row.pop("validation/n_obs", None)
+                if cfg.early_stopping:
+                    current = row["validation/elbo"]
+                    if current < best - cfg.early_stopping_min_delta:
+                        best, bad_epochs = current, 0
+                    else:
+                        bad_epochs += 1
+            row.update(
+                {
+                    "perf/cells_per_s": cells / max(epoch_s, 1e-9),
+                    "perf/epoch_s": epoch_s,
+                    "perf/step_s": step_s,
+                    "perf/data_s": data_s,
+                }
+            )
+            metrics.log(row)
+            if on_epoch_end is not None:
+                on_epoch_end(row)
+            result.epochs = epoch + 1
+            result.global_step = global_step
+            stop = cfg.early_stopping and bad_epochs >= cfg.early_stopping_patience
+            last = epoch + 1 == max_epochs or stop
+            if last or (epoch + 1) % cfg.checkpoint_every_n_epochs == 0:
+                train_loader.set_epoch(epoch + 1)
+                result.checkpoint = checkpoint(epoch + 1, 0, None)
+            if stop:
+                log.info(
+                    "early stopping at epoch %d: validation ELBO has not improved for %d checks", epoch, bad_epochs
+                )
+                result.stopped_early = True
+                break
+    except KeyboardInterrupt:
+        path = checkpoint(epoch, steps_done, sums)
+        raise TrainingInterrupted(path) from None
+    finally:
+        bar.close()
+        metrics.close()
+    return result
+
+
+class _progress:
+    """A tqdm bar (terminal or notebook) that tells the loop when to refresh its postfix."""
+
+    def __init__(self, enabled: bool, total: int, initial: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=0.5
+        )
+        self._last = 0.0
+
+    def update(self, n: int) -> None:
+        self._bar.update(n)
+
+    def should_refresh(self) -> bool:
+        if self._bar.disable:
+            return False
+        now = time.monotonic()
+        if now - self._last > 1.0:
+            self._last = now
+            return True
+        return False
+
+    def set_postfix(self, **kw: Any) -> None:
+        self._bar.set_postfix(**kw, refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
