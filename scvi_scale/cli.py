@@ -58,6 +58,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-genes", type=int, default=2_000, help="genes (default 2000)")
     p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--view",
+        choices=["auto", "umap", "pca"],
+        default="auto",
+        help="2-D view of the embedding (auto: UMAP when umap-learn is installed, else PCA)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_train(sub)
     p = sub.add_parser(

@@ -204,6 +204,8 @@ def validate_counts(
         Empty matrix (0 cells or 0 genes), wrong number of gene names, duplicated gene names, a NaN,
         infinite, negative or non-integer value, or (without ``drop_empty_cells``) cells with zero counts.
     """
+    if not sp.issparse(x):
+        x = np.asarray(x)
     if x.ndim != 2:
         raise InputError(f"{source}: the count matrix must be 2-D (cells x genes), got shape {x.shape}")
     n_obs, n_vars = (int(s) for s in x.shape)
@@ -215,10 +217,8 @@ def validate_counts(
     names_g = check_var_names(var_names, source, n_vars)
     if obs_names is not None and len(obs_names) != n_obs:
         raise InputError(f"{source}: {n_obs} rows in the count matrix but {len(obs_names)} cell names")
-    if sp.issparse(x):
-        x = x if isinstance(x, sp.csr_matrix) else sp.csr_matrix(x)  # CSC/COO/arrays: one conversion, O(nnz)
-    else:
-        x = np.asarray(x)
+    if sp.issparse(x) and not isinstance(x, sp.csr_matrix):
+        x = sp.csr_matrix(x)  # CSC/COO/sparse arrays: one conversion, O(nnz)
 
     total_n = np.empty(n_obs, dtype=np.float64)
     dense_blocks = []

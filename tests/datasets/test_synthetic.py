@@ -105,7 +105,7 @@ def test_sparsity_and_library_size(default_genes) -> None:
     assert 2_000 <= np.median(library_n) <= 5_000, np.median(library_n)
 
 
-def _pcs(x_ng: sp.csr_matrix, n_top: int = 500, n_pcs: int = 20) -> np.ndarray:
+def _pcs(x_ng: sp.csr_matrix, n_top: int = 300, n_pcs: int = 20) -> np.ndarray:
     """PCA of log1p(CP10k) on the most variable genes (eigh of the gene covariance: cheaper than an SVD)."""
     library_n = np.asarray(x_ng.sum(axis=1)).ravel()
     logn_ng = np.log1p(x_ng.multiply(1e4 / library_n[:, None]).tocsr().toarray())
