@@ -200,13 +200,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections (model, data, train)")
         tree = loaded
-    for section, values in sections.items():
-        for k, v in (values or {}).items():
-            _set_dotted(tree, f"{section}.{k}", v)
-    for item in overrides:
-        key, value = parse_override(item)
-        _set_dotted(tree, key, value)
-    return _build(Config, tree, "")
+    return _apply(tree, overrides, sections)
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
@@ -216,7 +210,10 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 
 def with_overrides(config: Config | None = None, overrides: typing.Iterable[str] = (), **sections: Any) -> Config:
     """A copy of ``config`` (default: the defaults) with keyword sections and dotted overrides applied."""
-    tree = (config or Config()).to_dict()
+    return _apply((config or Config()).to_dict(), overrides, sections)
+
+
+def _apply(tree: dict[str, Any], overrides: typing.Iterable[str], sections: dict[str, Any]) -> Config:
     for section, values in sections.items():
         for k, v in (values or {}).items():
             _set_dotted(tree, f"{section}.{k}", v)

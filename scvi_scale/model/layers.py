@@ -135,7 +135,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """scVI's decoder: a trunk (no dropout) and heads for the expression scale, dispersion and dropout logits.
 
-    ``px_r_decoder`` (per-cell dispersion) and ``px_dropout_decoder`` (zero-inflation logits) are built only
+    ``px_r_decoder`` (per-cell dispersion) and ``px_dropout_decoder`` (zero-inflation logits) are kept only
     when the likelihood uses them, so DDP never sees parameters without gradients.
     """
 
