@@ -10,7 +10,8 @@ validation:
     :func:`scvi_scale.api.train` on the AnnData, i.e. ``MemoryStore`` -> ``MemoryLoader`` (CSR rows ->
     dense minibatch + the non-zero index tuple) -> :func:`scvi_scale.train.loop.fit`. Our loop validates
     every epoch by default; here ``check_val_every_n_epoch`` is set beyond the run, as scvi-tools' default
-    (no validation unless early stopping or checkpointing asks for it).
+    (no validation unless early stopping or checkpointing asks for it). One untimed warm-up ``train`` on a
+    small subset runs first (the first optimizer step in a process imports ``torch._dynamo``, ~1 s).
 ``scvi-tools``
     ``SCVI.setup_anndata(batch_key="batch")``; ``SCVI(adata).train(max_epochs, batch_size, train_size=0.9,
     accelerator="cpu", enable_progress_bar=False)``. One untimed warm-up ``train`` on a small subset runs
@@ -111,6 +112,7 @@ def bench_scvi_scale(adata: Any, batch_size: int, epochs: int, threads: int) -> 
             "check_val_every_n_epoch": NEVER,
             "num_threads": threads,
             "seed": SEED,
+            "compile": COMPILE[0],
         },
     )
     wall = time.perf_counter() - t0
@@ -136,6 +138,13 @@ def bench_scvi_scale(adata: Any, batch_size: int, epochs: int, threads: int) -> 
         "train_elbo": float(rows[-1]["train/elbo"]),
         "threads_after": torch.get_num_threads(),
     }
+
+
+def warm_up_scvi_scale(adata: Any, threads: int) -> float:
+    """One untimed ``train`` on a small subset (the first optimizer step imports ``torch._dynamo``, ~1 s)."""
+    t0 = time.perf_counter()
+    bench_scvi_scale(adata[: min(adata.n_obs, 1024)].copy(), 128, 1, threads)
+    return time.perf_counter() - t0
 
 
 # -- the ceiling: the model step on minibatches already in memory ---------------------------------------------------
@@ -320,6 +329,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every implementation")
     p.add_argument("--repeats", type=int, default=1, help="measure each impl N times (interleaved), keep the best")
     p.add_argument("--impls", type=str, default="scvi-scale,ceiling,scvi-tools", help="comma-separated subset")
+    p.add_argument("--compile", action="store_true", help="scvi-scale with train.compile=true (fused ZINB kernel)")
     p.add_argument("--quick", action="store_true", help="tiny smoke size: 2,000 cells x 200 genes, 1 epoch")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of the ceiling's step")
     args = p.parse_args(argv)
@@ -330,8 +340,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+COMPILE = [False]  # set from --compile; the ceiling inherits the kernels api.train switched on
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    COMPILE[0] = args.compile
     torch.set_num_threads(args.threads)
     scvi, scvi_missing = (None, "not requested")
     if "scvi-tools" in args.impls:
@@ -350,7 +364,9 @@ def main(argv: list[str] | None = None) -> None:
             "cpu_model": cpu_model(),
             "cpu_count": os.cpu_count(),
             "load_avg_1m": os.getloadavg()[0],
+            "quick": bool(args.quick),
             "threads": args.threads,
+            "compile": args.compile,
             "n_cells": args.n_cells,
             "n_genes": args.n_genes,
             "n_batches": N_BATCHES,
@@ -362,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
             "data_gen_s": data_s,
         }
     )
+    if "scvi-scale" in args.impls or "ceiling" in args.impls:
+        warm = warm_up_scvi_scale(adata, args.threads)
+        emit({"bench": "train", "impl": "scvi-scale", "warmup": True, "seconds": warm, "untimed": True})
     st_adata = None
     if "scvi-tools" in args.impls:
         if scvi is None:

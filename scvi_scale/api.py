@@ -21,6 +21,7 @@ from scvi_scale.config import Config, config_from_dict, with_overrides
 from scvi_scale.data.memory import MemoryLoader, train_val_split
 from scvi_scale.infer.embed import latent_representation
 from scvi_scale.model import VAE, ModelConfig
+from scvi_scale.model.fused import compile_kernels
 from scvi_scale.store.errors import InputError
 from scvi_scale.store.memory import MemoryStore
 from scvi_scale.train.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, MODEL_FORMAT, atomic_save, safe_load
@@ -135,6 +136,7 @@ def train(
         config = with_overrides(config, **sections)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
+    compile_kernels(config.train.compile)
     dc, tc = config.data, config.train
     store = open_counts(source, dc.layer, dc.drop_empty_cells)
     codes, categories = store.batch_codes(dc.batch_key)

@@ -60,6 +60,7 @@ class TrainConfig:
     checkpoint_every_n_steps: int | None = None  # also checkpoint mid-epoch (resumable)
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; None: leave torch's default
+    compile: bool = False  # torch.compile the fused ZINB kernel (needs a C++ compiler; ~10 s once, ~7% faster)
     progress: bool = True
 
     def __post_init__(self) -> None:

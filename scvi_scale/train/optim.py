@@ -11,11 +11,12 @@ def make_optimizer(
 ) -> torch.optim.Adam:
     """Adam with scvi-tools' settings: lr 1e-3, **eps 0.01** (not torch's 1e-8), coupled L2 weight decay 1e-6.
 
-    We use the default (foreach) Adam; scvi-tools 1.5.1 switches to ``fused=True``, which agrees within
-    float tolerance but not bit for bit.
+    ``fused=True`` as in scvi-tools 1.5.1: one kernel for all parameters instead of a loop over them (on CPU
+    torch otherwise steps parameter by parameter), about 3x faster. It agrees with the unfused Adam to float
+    tolerance, not bit for bit.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=lr, eps=eps, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, eps=eps, weight_decay=weight_decay, fused=True)
 
 
 def kl_weight(

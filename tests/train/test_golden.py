@@ -47,8 +47,12 @@ def _losses(cfg: ModelConfig, steps: int = 8) -> list[float]:
     for epoch in range(steps // len(loader) + 1):
         loader.set_epoch(epoch)
         for batch in loader:
-            terms = model(batch.x_ng, batch.batch_n, kl_weight(epoch, step, n_epochs_kl_warmup=None,
-                                                                n_steps_kl_warmup=4), batch.nonzero)
+            terms = model(
+                batch.x_ng,
+                batch.batch_n,
+                kl_weight(epoch, step, n_epochs_kl_warmup=None, n_steps_kl_warmup=4),
+                batch.nonzero,
+            )
             opt.zero_grad()
             terms.loss.backward()
             opt.step()
