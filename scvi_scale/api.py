@@ -125,7 +125,10 @@ def train(
     ckpt = None
     if resume is not None:
         ckpt = Path(resume) / "checkpoints" / "last.pt" if Path(resume).is_dir() else Path(resume)
-        saved = safe_load(ckpt, CHECKPOINT_FORMAT)
+        try:
+            saved = safe_load(ckpt, CHECKPOINT_FORMAT)
+        except (FileNotFoundError, ValueError) as err:
+            raise InputError(f"cannot resume: {err}; pass a run directory or its checkpoints/last.pt") from None
         config = config_from_dict(saved["config"])
         if sections.get("train", {}).get("max_epochs"):
             config = dataclasses.replace(
@@ -206,7 +209,10 @@ def load_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     if not (run_dir / "model.pt").is_file():
         raise InputError(f"{run_dir} has no model.pt; pass a run directory written by `scvi-scale train`")
-    saved = safe_load(run_dir / "model.pt", MODEL_FORMAT)
+    try:
+        saved = safe_load(run_dir / "model.pt", MODEL_FORMAT)
+    except ValueError as err:
+        raise InputError(f"{err}; retrain, or re-import the model") from None
     config = config_from_dict(saved["config"])
     model = VAE(
         int(saved["n_genes"]),

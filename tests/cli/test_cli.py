@@ -148,3 +148,15 @@ def test_drop_empty_cells_trains(tmp_path):
     cli("train", path, "--out", tmp_path / "run", "--epochs", "1", "--no-progress", "--drop-empty-cells")
     split = np.load(tmp_path / "run" / "split.npz")
     assert len(split["train"]) + len(split["validation"]) == 298
+
+
+def test_resume_extends_a_finished_run(tmp_path, small_atlas):
+    run = tmp_path / "run"
+    common = ["--batch-key", "batch", "--no-progress", "--set", "model.n_hidden=16"]
+    cli("train", small_atlas, "--out", run, "--epochs", "2", *common)
+    cli("train", small_atlas, "--out", run, "--resume", run, "--epochs", "4", "--no-progress")
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["epoch"]) == [0, 1, 2, 3]
+    assert "n_hidden: 16" in (run / "config.yaml").read_text()
+    bad = cli("train", small_atlas, "--out", run, "--resume", tmp_path / "nope", "--no-progress", check=False)
+    assert bad.returncode == 2 and "nope" in bad.stderr
