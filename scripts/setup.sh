@@ -12,6 +12,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-# one resolver run for everything, so transitive pins (botocore, torch) stay consistent
-.venv/bin/python -m pip install -q -e "$spec" 2>&1 | grep -v "^WARNING: Location" || true
+# one resolver run for everything, so transitive pins (botocore, torch) stay consistent; pip's chatter goes to
+# a log that is shown only when the install fails
+if ! .venv/bin/python -m pip install -q -e "$spec" > .venv/pip-install.log 2>&1; then
+  grep -v "^WARNING: Location" .venv/pip-install.log | tail -40 >&2
+  echo "pip install failed; full log: .venv/pip-install.log" >&2
+  exit 1
+fi
 .venv/bin/python -c "import scvi_scale, torch; print('scvi-scale', scvi_scale.__version__, 'torch', torch.__version__)"

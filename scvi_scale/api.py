@@ -143,6 +143,8 @@ def train(
     dc, tc = config.data, config.train
     store = open_counts(source, dc.layer, dc.drop_empty_cells)
     codes, categories = store.batch_codes(dc.batch_key)
+    if ckpt is not None and [str(v) for v in store.var_names] != list(saved["meta"]["var_names"]):
+        raise InputError(f"cannot resume {ckpt} on {store.source}: its genes differ from the checkpoint's")
     n_batch = len(categories)
     lib_means = lib_vars = None
     if not config.model.use_observed_lib_size:
