@@ -169,8 +169,9 @@ def train(
             _prepare_out(run.path, overwrite)
         (run.path / "config.yaml").write_text(config.to_yaml())
         np.savez(run.path / "split.npz", train=train_rows, validation=val_rows)
-    train_loader = MemoryLoader(store.X, codes, train_rows, dc.batch_size, shuffle=True, seed=tc.seed)
-    val_loader = MemoryLoader(store.X, codes, val_rows, dc.batch_size, shuffle=False) if len(val_rows) else None
+    counts = _counts_for_loader(store)
+    train_loader = MemoryLoader(counts, codes, train_rows, dc.batch_size, shuffle=True, seed=tc.seed)
+    val_loader = MemoryLoader(counts, codes, val_rows, dc.batch_size, shuffle=False) if len(val_rows) else None
     log.info("training on %d cells x %d genes, %d batches, %d epochs", store.n_obs, store.n_vars, n_batch, max_epochs)
     run.fit_result = fit(
         model,
@@ -257,20 +258,29 @@ def _aligned_loader(run: Run, data: Any, batch_size: int) -> tuple[MemoryStore, 
             f"{run.var_names[first]!r}; reorder the genes to the model's order"
         )
     codes, _ = store.batch_codes(run.batch_key, categories=run.batch_categories)
-    return store, MemoryLoader(store.X, codes, None, batch_size, shuffle=False)
+    return store, MemoryLoader(_counts_for_loader(store), codes, None, batch_size, shuffle=False)
+
+
+def _counts_for_loader(store: Any) -> Any:
+    """The in-memory CSR when the store holds one (fast slicing), else the store itself (read per minibatch)."""
+    return store.X if isinstance(store, MemoryStore) else store
 
 
 def embed(run: Run | str | Path, data: Any, out: str | Path | None = None, batch_size: int = 1024):
     """Posterior mean of z for every cell (``obsm["X_scvi"]``); writes an ``.h5ad`` when ``out`` is given.
 
-    Returns an AnnData with the input's obs and var, the counts in ``X`` and ``X_scvi`` / ``X_scvi_var``.
+    Returns an AnnData with the input's obs, the model's genes as var, ``obsm["X_scvi"]`` (posterior mean) and
+    ``obsm["X_scvi_var"]`` (posterior variance); ``X`` holds the counts only when the data were in memory
+    (an ``.h5ad`` or AnnData), never when they come from an out-of-core store.
     """
     import anndata
 
     run = load_run(run) if not isinstance(run, Run) else run
     store, loader = _aligned_loader(run, data, batch_size)
     mean, var, _ = latent_representation(run.model, loader)
-    adata = anndata.AnnData(X=store.X, obs=store.obs.copy(), var=pd.DataFrame(index=pd.Index(run.var_names)))
+    # counts are copied along only from in-memory data; from a store the output holds obs, var and obsm
+    counts = store.X if isinstance(store, MemoryStore) else None
+    adata = anndata.AnnData(X=counts, obs=store.obs.copy(), var=pd.DataFrame(index=pd.Index(run.var_names)))
     adata.obsm["X_scvi"] = mean.astype(np.float32)
     adata.obsm["X_scvi_var"] = var.astype(np.float32)
     adata.uns["scvi_scale"] = {"run": str(run.path), "batch_key": run.batch_key or "", "config": run.config.to_yaml()}

@@ -8,6 +8,7 @@ seeded permutation; a reshuffled order every epoch; a last, smaller minibatch), 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -16,6 +17,24 @@ import torch
 from scvi_scale.data.batch import Batch
 
 STATE_VERSION = 1
+
+
+class RowReader(Protocol):
+    """A count store the loader can read minibatches from (``MemoryStore``, ``ZarrStore``, ``TileDBStore``)."""
+
+    n_obs: int
+
+    def read_rows(self, idx: np.ndarray) -> sp.csr_matrix: ...
+
+
+def _canonical_csr(x: sp.spmatrix | np.ndarray) -> sp.csr_matrix:
+    """CSR float32 with no stored zeros and no duplicates, so ``Batch.nonzero`` lists each count once."""
+    x = sp.csr_matrix(x, dtype=np.float32) if not isinstance(x, sp.csr_matrix) or x.dtype != np.float32 else x
+    if not x.has_canonical_format or (x.nnz and not np.all(x.data)):
+        x = x.copy()
+        x.sum_duplicates()
+        x.eliminate_zeros()
+    return x
 
 
 def train_val_split(
@@ -38,12 +57,14 @@ def train_val_split(
 
 
 class MemoryLoader:
-    """Minibatches over chosen rows of an in-memory CSR count matrix.
+    """Minibatches over chosen rows of an in-memory CSR count matrix, or of a store read row set by row set.
 
     Parameters
     ----------
     x
-        Counts (cells x genes), scipy sparse or dense.
+        Counts (cells x genes), scipy sparse or dense; or a store with ``n_obs`` and ``read_rows`` (each
+        minibatch is then read from it: simple and bounded in memory, but scattered rows are slow to read from
+        chunked stores, which the block-shuffling loader of a later release addresses).
     batch_codes
         Integer batch code of every row of ``x``.
     rows
@@ -58,21 +79,21 @@ class MemoryLoader:
 
     def __init__(
         self,
-        x: sp.spmatrix | np.ndarray,
+        x: sp.spmatrix | np.ndarray | RowReader,
         batch_codes: np.ndarray,
         rows: np.ndarray | None = None,
         batch_size: int = 128,
         shuffle: bool = True,
         seed: int = 0,
     ) -> None:
-        self.x = sp.csr_matrix(x, dtype=np.float32) if not isinstance(x, sp.csr_matrix) else x
-        # `Batch.nonzero` must list each non-zero entry once: no stored zeros, no duplicates
-        if not self.x.has_canonical_format or (self.x.nnz and not np.all(self.x.data)):
-            self.x = self.x.copy()
-            self.x.sum_duplicates()
-            self.x.eliminate_zeros()
+        if hasattr(x, "read_rows") and not sp.issparse(x):
+            # a store: each minibatch reads its rows (sorted, so runs of neighbouring rows are read together)
+            self.x, self._reader, n_rows = None, x, int(x.n_obs)
+        else:
+            self.x = _canonical_csr(x)
+            self._reader, n_rows = None, self.x.shape[0]
         self.batch_codes = np.asarray(batch_codes, dtype=np.int64)
-        self.rows = np.arange(self.x.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.rows = np.arange(n_rows) if rows is None else np.asarray(rows, dtype=np.int64)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = int(seed)
@@ -106,7 +127,11 @@ class MemoryLoader:
             yield self._make(rows)
 
     def _make(self, rows: np.ndarray) -> Batch:
-        sub = self.x[rows]
+        if self._reader is None:
+            sub = self.x[rows]
+        else:
+            order = np.argsort(rows, kind="stable")
+            sub = _canonical_csr(self._reader.read_rows(rows[order]))[np.argsort(order)]
         x_ng = torch.from_numpy(sub.toarray())
         nz_rows = np.repeat(np.arange(len(rows), dtype=np.int64), np.diff(sub.indptr))
         nonzero = (torch.from_numpy(nz_rows), torch.from_numpy(sub.indices.astype(np.int64)))

@@ -1,0 +1,435 @@
+"""The Zarr v3 count store: AnnData's on-disk CSR layout, sharded for row-block reads, with a commit flag.
+
+Layout (``anndata.read_zarr`` and ``anndata.io.sparse_dataset(zarr.open_group(p)["X"])`` open it)::
+
+    store.zarr/                root attrs: encoding-type "anndata", "scvi_scale": metadata (below)
+      X/                       encoding-type "csr_matrix", shape [n_obs, n_vars]
+        data                   uint16 counts (uint32 when a count exceeds 65,535)
+        indices                int32 gene index of each entry (int64 only past 2**31 genes)
+        indptr                 int64, n_obs + 1 (an atlas can hold more than 2**31 entries)
+      obs/  var/               AnnData dataframes (categoricals kept as categories + codes)
+      obsm/<key>               float arrays n_obs x k, chunks of OBSM_CHUNK_ROWS rows (embeddings)
+      uns/
+
+``X/data`` and ``X/indices`` use chunks of ``ENTRY_CHUNK`` = 65,536 entries (one compressed read unit;
+a 1,024-row block of a 5-12 % dense 2,000-gene matrix is 100-250k entries, so a block read decodes 2-5
+chunks and wastes at most two partial ones) inside shards of ``ENTRY_SHARD`` = 4,194,304 entries (one
+file or object per shard: a 200k-cell atlas is a dozen files, not hundreds, which matters for object
+stores and inode limits; reads still fetch only the chunks they need through the shard index). Codecs are
+zarr's defaults (zstd). Writers append whole shards only (:class:`CsrAppender` buffers one shard per array),
+so no shard is read back and rewritten while converting.
+
+Metadata (root attribute ``"scvi_scale"``): ``format_version`` (1), ``count_dtype``, ``provenance`` (one
+entry per input file, with the rows it became), ``created``/``updated`` (UTC ISO times), ``genes`` (how the
+gene space was chosen), ``batch_key``, and ``complete``: the commit flag, set to ``true`` as the very last
+write. A store without it is refused with a message to rerun the conversion.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import logging
+import os
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+
+from scvi_scale.store.errors import InputError
+from scvi_scale.store.memory import category_codes, library_log_stats_from_totals
+
+__all__ = [
+    "ENTRY_CHUNK",
+    "ENTRY_SHARD",
+    "FORMAT_VERSION",
+    "CsrAppender",
+    "ZarrStore",
+    "count_dtype_for",
+    "create_layout",
+    "resolve_location",
+    "set_complete",
+    "utc_now",
+    "write_elem",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ENTRY_CHUNK = 65_536
+ENTRY_SHARD = 4_194_304
+INDPTR_SHARD = 1_048_576  # 8 MB of int64 per shard: bounds the writer's indptr buffer
+OBSM_CHUNK_ROWS = 16_384
+_META = "scvi_scale"
+_S3_HINT = "install the s3 extra: pip install 'scvi-scale[s3]'"
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def count_dtype_for(max_count: float) -> np.dtype:
+    """The smallest unsigned dtype (uint16 or uint32) that holds ``max_count``."""
+    if max_count <= np.iinfo(np.uint16).max:
+        return np.dtype(np.uint16)
+    if max_count <= np.iinfo(np.uint32).max:
+        return np.dtype(np.uint32)
+    raise InputError(f"a count of {max_count:g} exceeds 2**32 - 1; these are not UMI counts")
+
+
+def _s3_options_from_env() -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        opts["key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        opts["secret"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+    return opts
+
+
+def resolve_location(
+    path_or_url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, read_only: bool = True
+) -> tuple[Any, str]:
+    """What ``zarr.open_group`` should open for a path or URL, and the name to use in messages.
+
+    Plain paths and ``file://`` URLs stay local paths. Other URLs become a zarr ``FsspecStore``; for
+    ``s3://`` the endpoint and keys come from ``AWS_ENDPOINT_URL``/``S3_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` unless ``storage_options`` sets them. Credentials
+    never appear in messages or logs.
+    """
+    text = os.fspath(path_or_url)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    if "://" not in text:
+        return text, text
+    scheme = text.split("://", 1)[0].lower()
+    opts = dict(storage_options or {})
+    if scheme in ("s3", "s3a"):
+        if importlib.util.find_spec("s3fs") is None:
+            raise InputError(f"{text}: reading s3:// URLs needs s3fs; {_S3_HINT}")
+        opts = {**_s3_options_from_env(), **opts}
+    from zarr.storage import FsspecStore
+
+    try:
+        store = FsspecStore.from_url(text, storage_options=opts, read_only=read_only)
+    except ImportError as exc:
+        raise InputError(f"{text}: no filesystem for '{scheme}://' is installed ({exc}); {_S3_HINT}") from exc
+    logger.debug("opened %s (endpoint %s)", text, opts.get("endpoint_url", "default"))
+    return store, text
+
+
+def write_elem(group: zarr.Group, key: str, elem: object) -> None:
+    """``anndata.io.write_elem`` into a v3 group, with anndata's sharding choice made explicitly."""
+    import anndata
+
+    # Not setting auto_shard_zarr_v3 makes anndata warn on every write; small elements need no shards.
+    with anndata.settings.override(zarr_write_format=3, auto_shard_zarr_v3=True):
+        anndata.io.write_elem(group, key, elem)
+
+
+def set_complete(root: zarr.Group, complete: bool, **updates: Any) -> None:
+    """Rewrite the metadata with the commit flag (and any other fields); the flag is the last thing set."""
+    meta = dict(root.attrs[_META])
+    meta.update(updates, complete=bool(complete), updated=utc_now())
+    root.attrs[_META] = meta
+
+
+def create_layout(
+    location: Any, var_names: Sequence[str], count_dtype: np.dtype, metadata: dict[str, Any]
+) -> zarr.Group:
+    """Create an empty store (0 cells, ``var_names`` genes), its metadata marked incomplete.
+
+    Parameters
+    ----------
+    location
+        A local path or a zarr store; overwritten.
+    var_names
+        The gene space, in column order.
+    count_dtype
+        uint16 or uint32.
+    metadata
+        Extra metadata fields (provenance, genes, batch_key, ...).
+    """
+    root = zarr.open_group(location, mode="w", zarr_format=3)
+    meta = {"format_version": FORMAT_VERSION, "count_dtype": np.dtype(count_dtype).name, "created": utc_now()}
+    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0", _META: {**meta, **metadata}})
+    set_complete(root, False)
+    n_vars = len(var_names)
+    x = root.create_group("X")
+    x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [0, n_vars]})
+    index_dtype = np.int32 if n_vars < np.iinfo(np.int32).max else np.int64
+    for name, dtype in (("data", count_dtype), ("indices", index_dtype)):
+        x.create_array(name, shape=(0,), dtype=dtype, chunks=(ENTRY_CHUNK,), shards=(ENTRY_SHARD,))
+    indptr = x.create_array("indptr", shape=(1,), dtype=np.int64, chunks=(ENTRY_CHUNK,), shards=(INDPTR_SHARD,))
+    indptr[:] = np.zeros(1, dtype=np.int64)
+    write_elem(root, "var", pd.DataFrame(index=pd.Index([str(g) for g in var_names])))
+    write_elem(root, "obsm", {})
+    write_elem(root, "uns", {})
+    return root
+
+
+class _ShardedAppender:
+    """Appends to a 1-D array in whole shards; the trailing partial shard is re-read once and rewritten."""
+
+    def __init__(self, arr: zarr.Array) -> None:
+        self.arr = arr
+        self.shard = int((arr.shards or arr.chunks)[0])
+        self.length = int(arr.shape[0])
+        self.flushed = (self.length // self.shard) * self.shard
+        tail = np.asarray(arr[self.flushed : self.length]) if self.length > self.flushed else None
+        self.pending: list[np.ndarray] = [tail] if tail is not None else []
+        self.n_pending = self.length - self.flushed
+
+    def extend(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=self.arr.dtype)
+        self.pending.append(values)
+        self.n_pending += values.shape[0]
+        self.length += values.shape[0]
+        if self.n_pending >= self.shard:
+            buf = np.concatenate(self.pending)
+            n_full = (buf.shape[0] // self.shard) * self.shard
+            self._write(buf[:n_full])
+            self.pending = [buf[n_full:].copy()] if n_full < buf.shape[0] else []
+            self.n_pending = buf.shape[0] - n_full
+
+    def _write(self, values: np.ndarray) -> None:
+        stop = self.flushed + values.shape[0]
+        if self.arr.shape[0] < stop:
+            self.arr.resize((stop,))
+        self.arr[self.flushed : stop] = values
+        self.flushed = stop
+
+    def close(self) -> None:
+        if self.pending:
+            self._write(np.concatenate(self.pending))
+            self.pending, self.n_pending = [], 0
+        if self.arr.shape[0] != self.length:
+            self.arr.resize((self.length,))
+
+
+class CsrAppender:
+    """Appends CSR row blocks to a store's ``X`` (existing rows are kept); call :meth:`close` at the end."""
+
+    def __init__(self, root: zarr.Group) -> None:
+        self.x = root["X"]
+        self.n_vars = int(self.x.attrs["shape"][1])
+        self._data = _ShardedAppender(self.x["data"])
+        self._indices = _ShardedAppender(self.x["indices"])
+        self._indptr = _ShardedAppender(self.x["indptr"])
+        self.n_obs = self._indptr.length - 1
+        self.nnz = self._data.length
+
+    def append(self, block: sp.csr_matrix) -> None:
+        """Append rows of a canonical CSR block whose columns are the store's genes."""
+        if block.shape[1] != self.n_vars:
+            raise ValueError(f"block has {block.shape[1]} columns, the store {self.n_vars}")
+        self._data.extend(block.data)
+        self._indices.extend(block.indices)
+        self._indptr.extend(self.nnz + np.asarray(block.indptr[1:], dtype=np.int64))
+        self.nnz += int(block.nnz)
+        self.n_obs += int(block.shape[0])
+
+    def close(self) -> None:
+        for part in (self._data, self._indices, self._indptr):
+            part.close()
+        self.x.attrs["shape"] = [self.n_obs, self.n_vars]
+
+
+class ZarrStore:
+    """A converted count store on local disk or in object storage, read in row blocks.
+
+    Parameters
+    ----------
+    path_or_url
+        A ``.zarr`` directory, ``file://`` URL or object-store URL (``s3://bucket/atlas.zarr``).
+    storage_options
+        fsspec options for URLs (override the ``AWS_*`` environment variables).
+
+    Raises
+    ------
+    InputError
+        Missing store, not written by ``scvi-scale convert``, incomplete (no commit flag), or written by a
+        newer format version.
+    """
+
+    def __init__(self, path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> None:
+        self._url = os.fspath(path_or_url)
+        self._storage_options = storage_options
+        location, self.source = resolve_location(self._url, storage_options, read_only=True)
+        if isinstance(location, str) and not Path(location).exists():
+            raise InputError(f"{self.source}: no such store; check the path or run `scvi-scale convert` first")
+        try:
+            self._root = zarr.open_group(location, mode="r")
+        except Exception as exc:  # any zarr/fsspec failure to open becomes one line
+            raise InputError(f"{self.source}: cannot open as a Zarr group ({type(exc).__name__}: {exc})") from exc
+        meta = self._root.attrs.get(_META)
+        if not isinstance(meta, dict) or "X" not in self._root:
+            raise InputError(
+                f"{self.source}: not a scvi-scale count store (no '{_META}' metadata or no X); "
+                "create one with `scvi-scale convert INPUT.h5ad --out STORE.zarr`"
+            )
+        if not meta.get("complete"):
+            raise InputError(
+                f"{self.source}: the store is incomplete (an interrupted conversion?); rerun `scvi-scale convert` "
+                "(or the interrupted `append`) to rebuild it"
+            )
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise InputError(
+                f"{self.source}: store format version {meta['format_version']} is newer than this scvi-scale "
+                f"understands ({FORMAT_VERSION}); upgrade scvi-scale"
+            )
+        x = self._root["X"]
+        if x.attrs.get("encoding-type") != "csr_matrix":
+            raise InputError(f"{self.source}: X is {x.attrs.get('encoding-type')!r}, expected csr_matrix; reconvert")
+        self._data, self._indices, self._indptr_arr = x["data"], x["indices"], x["indptr"]
+        self.n_obs, self.n_vars = (int(s) for s in x.attrs["shape"])
+
+    def __repr__(self) -> str:
+        return f"ZarrStore({self.source!r}, n_obs={self.n_obs}, n_vars={self.n_vars}, nnz={self.nnz})"
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """A copy of the store's ``scvi_scale`` metadata."""
+        return dict(self._root.attrs[_META])
+
+    @property
+    def nnz(self) -> int:
+        return int(self._data.shape[0])
+
+    @cached_property
+    def indptr(self) -> np.ndarray:
+        """Row pointers (int64, ``n_obs + 1``), read once: 8 bytes per cell."""
+        return np.asarray(self._indptr_arr[:], dtype=np.int64)
+
+    @cached_property
+    def var_names(self) -> np.ndarray:
+        """Gene names in column order, as a ``str`` array."""
+        import anndata
+
+        var = anndata.io.read_elem(self._root["var"])
+        return np.asarray([str(v) for v in var.index], dtype=str)
+
+    @cached_property
+    def obs(self) -> pd.DataFrame:
+        """Cell metadata (categoricals preserved), read on first use."""
+        import anndata
+
+        return anndata.io.read_elem(self._root["obs"])
+
+    def batch_codes(
+        self, batch_key: str | None, categories: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, list[str]]:
+        """Integer batch code of every cell and the batch names; same contract as ``MemoryStore.batch_codes``."""
+        if batch_key is None:
+            names = ["0"] if categories is None else [str(c) for c in categories]
+            if len(names) != 1:
+                raise InputError(
+                    f"{self.source}: the model was trained with {len(names)} batches but no batch key was given; "
+                    "pass the batch column it was trained with"
+                )
+            return np.zeros(self.n_obs, dtype=np.int64), names
+        if batch_key not in self.obs.columns:
+            raise InputError(
+                f"{self.source}: no obs column '{batch_key}'; available columns: {list(self.obs.columns) or 'none'}"
+            )
+        return category_codes(self.obs[batch_key], name=batch_key, source=self.source, categories=categories)
+
+    def _entries(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self._data[lo:hi]), np.asarray(self._indices[lo:hi])
+
+    def read_range(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` as CSR float32 (one slice of data and of indices)."""
+        if not 0 <= start <= stop <= self.n_obs:
+            raise IndexError(f"row range [{start}, {stop}) outside [0, {self.n_obs})")
+        ptr = self.indptr[start : stop + 1]
+        data, indices = self._entries(int(ptr[0]), int(ptr[-1]))
+        return sp.csr_matrix(
+            (data.astype(np.float32), indices, ptr - ptr[0]), shape=(stop - start, self.n_vars), copy=False
+        )
+
+    def read_rows(self, idx: np.ndarray) -> sp.csr_matrix:
+        """Rows ``idx`` (any order, repeats allowed) as CSR float32, in the order given.
+
+        Requested rows are sorted and grouped into runs of consecutive rows; each run costs one slice of
+        ``data`` and one of ``indices``, so block-shuffled reads stay fast and scattered ones stay correct.
+        """
+        idx = np.asarray(idx, dtype=np.int64).ravel()
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_obs):
+            raise IndexError(f"row index out of range [0, {self.n_obs})")
+        if idx.size == 0:
+            return sp.csr_matrix((0, self.n_vars), dtype=np.float32)
+        rows, inverse = np.unique(idx, return_inverse=True)
+        cut = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts, stops = rows[np.r_[0, cut]], rows[np.r_[cut - 1, rows.size - 1]] + 1
+        ptr = self.indptr
+        parts = [self._entries(int(ptr[a]), int(ptr[b])) for a, b in zip(starts, stops, strict=True)]
+        data = np.concatenate([p[0] for p in parts]).astype(np.float32)
+        indices = np.concatenate([p[1] for p in parts])
+        sub_ptr = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(ptr[rows + 1] - ptr[rows], out=sub_ptr[1:])
+        sub = sp.csr_matrix((data, indices, sub_ptr), shape=(rows.size, self.n_vars), copy=False)
+        if rows.size == idx.size and np.array_equal(rows, idx):
+            return sub
+        return sub[inverse]
+
+    def row_totals(self, chunk_entries: int = ENTRY_SHARD) -> np.ndarray:
+        """Total counts of every cell (float64), read about ``chunk_entries`` entries at a time."""
+        ptr = self.indptr
+        total_n = np.empty(self.n_obs, dtype=np.float64)
+        start = 0
+        while start < self.n_obs:
+            # at least one row per read, otherwise as many rows as fit in chunk_entries
+            stop = max(start + 1, int(np.searchsorted(ptr, ptr[start] + chunk_entries, side="right")) - 1)
+            stop = min(stop, self.n_obs)
+            lo, hi = int(ptr[start]), int(ptr[stop])
+            csum = np.zeros(hi - lo + 1, dtype=np.float64)
+            np.cumsum(np.asarray(self._data[lo:hi]), dtype=np.float64, out=csum[1:])
+            local = ptr[start : stop + 1] - lo
+            total_n[start:stop] = csum[local[1:]] - csum[local[:-1]]
+            start = stop
+        return total_n
+
+    def library_log_stats(self, batch_codes: np.ndarray, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-batch mean and population variance of log total counts (scvi-tools' library prior).
+
+        Totals come from ``indptr`` and ``X/data`` read chunk-wise (:meth:`row_totals`), never the whole matrix.
+        """
+        batch_n = np.asarray(batch_codes, dtype=np.int64)
+        if batch_n.shape != (self.n_obs,):
+            raise ValueError(f"batch_codes has shape {batch_n.shape}, expected ({self.n_obs},)")
+        if batch_n.size and (batch_n.min() < 0 or batch_n.max() >= n_batch):
+            raise ValueError(f"batch codes must lie in [0, {n_batch})")
+        return library_log_stats_from_totals(self.row_totals(), batch_n, n_batch)
+
+    def write_obsm(self, key: str, start: int, stop: int, values: np.ndarray) -> None:
+        """Write rows ``start:stop`` of ``obsm/<key>`` (created on first write, chunks of OBSM_CHUNK_ROWS rows).
+
+        Concurrent writers must own whole chunk-aligned row regions; a row region that shares a chunk with
+        another writer's region is a read-modify-write race.
+        """
+        values = np.asarray(values)
+        if values.ndim != 2 or values.shape[0] != stop - start or not 0 <= start <= stop <= self.n_obs:
+            raise ValueError(f"values of shape {values.shape} do not fit rows [{start}, {stop}) of {self.n_obs}")
+        location, _ = resolve_location(self._url, self._storage_options, read_only=False)
+        root = zarr.open_group(location, mode="r+")
+        obsm = root["obsm"]
+        if key not in obsm:
+            arr = obsm.create_array(
+                key,
+                shape=(self.n_obs, values.shape[1]),
+                dtype=values.dtype,
+                chunks=(min(OBSM_CHUNK_ROWS, max(self.n_obs, 1)), values.shape[1]),
+                fill_value=np.nan if values.dtype.kind == "f" else 0,
+            )
+            arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        else:
+            arr = obsm[key]
+            if arr.shape != (self.n_obs, values.shape[1]):
+                raise ValueError(f"obsm/{key} has shape {arr.shape}, values have {values.shape[1]} columns")
+        arr[start:stop] = values.astype(arr.dtype, copy=False)
