@@ -74,19 +74,23 @@ class Run:
         }
 
 
-def open_counts(data: Any, layer: str | None = None, drop_empty_cells: bool = False) -> MemoryStore:
-    """Open counts from an ``.h5ad`` path, an AnnData or a :class:`MemoryStore` (validated)."""
-    if isinstance(data, MemoryStore):
+def open_counts(data: Any, layer: str | None = None, drop_empty_cells: bool = False) -> Any:
+    """Open counts from a path or URL (``.h5ad``, ``.zarr``, ``.tiledb``), an AnnData or a store.
+
+    ``.h5ad`` files and AnnData objects are read into a validated :class:`MemoryStore`; Zarr and TileDB
+    stores stay on disk (or in object storage) and are read minibatch by minibatch.
+    """
+    if hasattr(data, "read_rows") and hasattr(data, "batch_codes"):
         return data
     if isinstance(data, (str, Path)):
-        from scvi_scale.store.h5ad import read_h5ad
+        from scvi_scale.store.open import open_store
 
-        return read_h5ad(data, layer=layer, drop_empty_cells=drop_empty_cells)
+        return open_store(data, layer=layer, drop_empty_cells=drop_empty_cells)
     import anndata
 
     if isinstance(data, anndata.AnnData):
         return MemoryStore.from_anndata(data, layer=layer, drop_empty_cells=drop_empty_cells)
-    raise InputError(f"cannot read counts from {type(data).__name__}; pass an .h5ad path or an AnnData")
+    raise InputError(f"cannot read counts from {type(data).__name__}; pass an .h5ad/.zarr/.tiledb path or an AnnData")
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:

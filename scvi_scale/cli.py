@@ -16,10 +16,10 @@ EXIT_BAD_INPUT = 2
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train scVI on an .h5ad of raw counts",
+        help="train scVI on raw counts (.h5ad file, or a .zarr/.tiledb store)",
         description="Train scVI on raw counts (X or --layer) and write a run directory.",
     )
-    p.add_argument("data", help="input .h5ad with raw integer counts")
+    p.add_argument("data", help="raw integer counts: an .h5ad file or a .zarr/.tiledb store (path or URL)")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--batch-key", help="obs column holding the batch (default: one batch)")
     p.add_argument("--layer", help="layer holding the raw counts (default: X)")
@@ -40,6 +40,61 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="validate the config and print it; touch no data")
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512M or 2G") from None
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    for name, what in (
+        ("convert", "stream .h5ad files into a new Zarr count store"),
+        ("append", "append .h5ad files to an existing Zarr store (existing rows keep their place)"),
+    ):
+        p = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + "; memory stays bounded.")
+        p.add_argument("inputs", nargs="+", help=".h5ad files, stacked in the order given")
+        p.add_argument(
+            "--out" if name == "convert" else "--store",
+            required=True,
+            dest="out",
+            help="the Zarr store (a directory, e.g. atlas.zarr)",
+        )
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--batch-key", help="obs column every input must have (the batch)")
+        group.add_argument("--batch-per-file", action="store_true", help="each file is its own batch (column 'batch')")
+        p.add_argument("--layer", help="layer holding the raw counts (default: X)")
+        if name == "convert":
+            p.add_argument(
+                "--genes", default="union", help="union (default), intersection, or a text file with one gene per line"
+            )
+            p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+        p.add_argument("--memory", type=_parse_bytes, default="1G", help="memory budget for row blocks (default 1G)")
+        p.add_argument("--drop-empty-cells", action="store_true", help="drop cells with zero counts instead of failing")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from scvi_scale.store.convert import append, convert
+
+    common = dict(
+        batch_key=args.batch_key,
+        batch_per_file=args.batch_per_file,
+        layer=args.layer,
+        memory_budget_bytes=args.memory,
+        progress=not args.no_progress,
+        drop_empty_cells=args.drop_empty_cells,
+    )
+    if args.command == "convert":
+        store = convert(args.inputs, args.out, genes=args.genes, overwrite=args.overwrite, **common)
+    else:
+        store = append(args.out, args.inputs, **common)
+    print(f"{store.source}: {store.n_obs} cells x {store.n_vars} genes")
+    return 0
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -66,6 +121,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_train(sub)
+    _add_convert(sub)
     p = sub.add_parser(
         "embed",
         help="write the latent embedding obsm['X_scvi'] for every cell",
@@ -159,6 +215,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "train":
         return _train(args)
+    if args.command in ("convert", "append"):
+        return _convert(args)
     if args.command == "demo":
         from scvi_scale.demo import run_demo
 

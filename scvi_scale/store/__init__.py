@@ -6,19 +6,30 @@ Public API
 - :func:`validate_counts`, :func:`check_count_block`, :func:`check_var_names`: the "counts are counts" checks.
 - :class:`MemoryStore`: validated counts held in memory (tests, notebooks, small files).
 - :func:`read_h5ad`: an ``.h5ad`` file as a :class:`MemoryStore`.
+- :class:`ZarrStore`: a Zarr v3 store in the AnnData on-disk layout (local path or URL).
+- :func:`open_store`: any store by path or URL (``.zarr``, ``.tiledb``, ``.h5ad``).
+- :func:`convert`, :func:`append`: stream ``.h5ad`` files into a Zarr store, with bounded memory.
+- ``TileDBStore`` lives in :mod:`scvi_scale.store.tiledb_store` (the ``tiledb`` extra).
 """
 
 from __future__ import annotations
 
+from scvi_scale.store.convert import append, convert
 from scvi_scale.store.errors import InputError
 from scvi_scale.store.h5ad import read_h5ad
 from scvi_scale.store.memory import MemoryStore, category_codes, library_log_stats_from_totals
+from scvi_scale.store.open import open_store
 from scvi_scale.store.validate import ValidatedCounts, check_count_block, check_var_names, validate_counts
+from scvi_scale.store.zarr_store import ZarrStore
 
 __all__ = [
     "InputError",
     "MemoryStore",
     "ValidatedCounts",
+    "ZarrStore",
+    "append",
+    "convert",
+    "open_store",
     "category_codes",
     "check_count_block",
     "check_var_names",
