@@ -8,13 +8,13 @@ Public API
 - :func:`read_h5ad`: an ``.h5ad`` file as a :class:`MemoryStore`.
 - :class:`ZarrStore`: a Zarr v3 store in the AnnData on-disk layout (local path or URL).
 - :func:`open_store`: any store by path or URL (``.zarr``, ``.tiledb``, ``.h5ad``).
-- :func:`convert`, :func:`append`: stream ``.h5ad`` files into a Zarr store, with bounded memory.
+- :mod:`scvi_scale.store.convert` (``convert``, ``append``): stream ``.h5ad`` files into a Zarr store with
+  bounded memory (not re-exported here: the function would shadow the module).
 - ``TileDBStore`` lives in :mod:`scvi_scale.store.tiledb_store` (the ``tiledb`` extra).
 """
 
 from __future__ import annotations
 
-from scvi_scale.store.convert import append, convert
 from scvi_scale.store.errors import InputError
 from scvi_scale.store.h5ad import read_h5ad
 from scvi_scale.store.memory import MemoryStore, category_codes, library_log_stats_from_totals
@@ -27,8 +27,6 @@ __all__ = [
     "MemoryStore",
     "ValidatedCounts",
     "ZarrStore",
-    "append",
-    "convert",
     "open_store",
     "category_codes",
     "check_count_block",
