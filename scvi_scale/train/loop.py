@@ -204,6 +204,8 @@ def fit(
                 sums = ElboSums(**start_sums)
                 steps_done = resume_steps
                 bar.update(steps_done)
+            warmup = (cfg.n_epochs_kl_warmup, cfg.n_steps_kl_warmup, cfg.min_kl_weight, cfg.max_kl_weight)
+            w = kl_weight(epoch, global_step, *warmup)  # also defined when a resumed epoch has no batches left
             t_epoch = time.perf_counter()
             data_s = step_s = 0.0
             cells = 0
@@ -211,14 +213,7 @@ def fit(
             for batch in train_loader:
                 batch = batch.to(device, non_blocking=True)
                 t1 = time.perf_counter()
-                w = kl_weight(
-                    epoch,
-                    global_step,
-                    cfg.n_epochs_kl_warmup,
-                    cfg.n_steps_kl_warmup,
-                    cfg.min_kl_weight,
-                    cfg.max_kl_weight,
-                )
+                w = kl_weight(epoch, global_step, *warmup)
                 terms = model(batch.x_ng, batch.batch_n, w, batch.nonzero)
                 optimizer.zero_grad(set_to_none=True)
                 terms.loss.backward()
@@ -241,7 +236,7 @@ def fit(
                 if cfg.checkpoint_every_n_steps and global_step % cfg.checkpoint_every_n_steps == 0:
                     checkpoint(epoch, steps_done, sums)
             epoch_s = time.perf_counter() - t_epoch
-            row: dict[str, Any] = {"epoch": epoch, "step": global_step, "kl_weight": w if steps_done else float("nan")}
+            row: dict[str, Any] = {"epoch": epoch, "step": global_step, "kl_weight": w}
             row.update(sums.means("train"))
             if val_loader is not None and len(val_loader) and (epoch + 1) % cfg.check_val_every_n_epoch == 0:
                 row.update(evaluate_elbo(model, val_loader, w, device))

@@ -180,3 +180,35 @@ def test_losses_are_finite_on_sparse_data_with_empty_genes():
     loader = MemoryLoader(x, b, None, 64, seed=0)
     res = fit(model, loader, None, dataclasses.replace(CFG, max_epochs=1), 1)
     assert math.isfinite(res.history[-1]["train/elbo"])
+
+
+class _InterruptValidation:
+    """A validation loader that is interrupted (Ctrl-C) the first time it runs at epoch `epoch`."""
+
+    def __init__(self, inner, train_loader, epoch):
+        self.inner, self.train_loader, self.epoch, self.fired = inner, train_loader, epoch, False
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):
+        if self.train_loader.epoch == self.epoch and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+        yield from self.inner
+
+
+def test_interrupt_during_validation_resumes_with_an_empty_rest_of_epoch(tmp_path):
+    model, tl, vl = _setup(CFG)
+    fit(model, tl, vl, CFG, 3, run_dir=tmp_path / "straight")
+    straight = _weights(model)
+    model, tl, vl = _setup(CFG)
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(model, tl, _InterruptValidation(vl, tl, 1), CFG, 3, run_dir=tmp_path / "cut")
+    ckpt = safe_load(info.value.checkpoint, CHECKPOINT_FORMAT)
+    assert (ckpt["epoch"], ckpt["loader"]["step"]) == (1, len(tl))  # every batch of epoch 1 was done
+    model, tl, vl = _setup(CFG)
+    fit(model, tl, vl, CFG, 3, run_dir=tmp_path / "cut", resume_from=info.value.checkpoint)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in straight.items())
+    m = pd.read_csv(tmp_path / "cut" / "metrics.csv")
+    assert list(m["epoch"]) == [0, 1, 2] and m["kl_weight"].notna().all()
