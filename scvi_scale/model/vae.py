@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scvi_scale.model.config import ModelConfig
@@ -235,8 +234,3 @@ class VAE(nn.Module):
         kl_z, kl_l = self.kl_terms(inf, batch_n)
         loss = torch.mean(reconstruction + kl_weight * kl_z + kl_l)
         return LossTerms(loss=loss, reconstruction_n=reconstruction, kl_z_n=kl_z, kl_l_n=kl_l)
-
-
-def batch_onehot(batch_n: torch.Tensor, n_batch: int) -> torch.Tensor:
-    """One-hot float encoding of batch codes (kept for callers that need scvi-tools' explicit form)."""
-    return F.one_hot(batch_n.reshape(-1).long(), n_batch).float()
