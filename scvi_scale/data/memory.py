@@ -87,7 +87,7 @@ class MemoryLoader:
         seed: int = 0,
     ) -> None:
         if hasattr(x, "read_rows") and not sp.issparse(x):
-            # a store: each minibatch reads its rows (sorted, so runs of neighbouring rows are read together)
+            # a store: each minibatch reads its rows through read_rows
             self.x, self._reader, n_rows = None, x, int(x.n_obs)
         else:
             self.x = _canonical_csr(x)
@@ -129,9 +129,8 @@ class MemoryLoader:
     def _make(self, rows: np.ndarray) -> Batch:
         if self._reader is None:
             sub = self.x[rows]
-        else:
-            order = np.argsort(rows, kind="stable")
-            sub = _canonical_csr(self._reader.read_rows(rows[order]))[np.argsort(order)]
+        else:  # stores group the requested rows into contiguous runs themselves and return them in order
+            sub = _canonical_csr(self._reader.read_rows(rows))
         x_ng = torch.from_numpy(sub.toarray())
         nz_rows = np.repeat(np.arange(len(rows), dtype=np.int64), np.diff(sub.indptr))
         nonzero = (torch.from_numpy(nz_rows), torch.from_numpy(sub.indices.astype(np.int64)))

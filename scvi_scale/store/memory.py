@@ -138,7 +138,93 @@ class _LogLibraryAccumulator:
         return means_b, vars_b
 
 
-class MemoryStore:
+class StoreReads:
+    """What every count store derives from its ``obs``, ``n_obs``, ``source`` and ``read_range``.
+
+    One implementation of the batch codes and the library-size prior for the in-memory, Zarr and TileDB
+    stores; a backend overrides ``library_log_stats`` only when it can total rows faster.
+    """
+
+    source: str
+    n_obs: int
+    obs: pd.DataFrame
+
+    def read_range(self, start: int, stop: int) -> sp.csr_matrix:  # pragma: no cover - every store defines it
+        raise NotImplementedError
+
+    def batch_codes(
+        self, batch_key: str | None, categories: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, list[str]]:
+        """Integer batch code of every cell and the batch names in code order.
+
+        Parameters
+        ----------
+        batch_key
+            An ``obs`` column; ``None`` means one batch (scvi-tools' default): all codes 0, categories ``["0"]``.
+        categories
+            Fixed names in code order (from a trained model); values outside them are an error.
+
+        Returns
+        -------
+        tuple
+            ``(codes_n, categories)``: int64 codes of shape ``(n_obs,)`` and the names as ``str``.
+            Codes equal pandas ``obs[batch_key].astype("category").cat.codes`` when ``categories`` is None.
+
+        Raises
+        ------
+        InputError
+            Unknown column, missing values, or values not in ``categories``.
+        """
+        if batch_key is None:
+            names = ["0"] if categories is None else [str(c) for c in categories]
+            if len(names) != 1:
+                raise InputError(
+                    f"{self.source}: the model was trained with {len(names)} batches but no batch key was given; "
+                    "pass the batch column it was trained with"
+                )
+            return np.zeros(self.n_obs, dtype=np.int64), names
+        if batch_key not in self.obs.columns:
+            raise InputError(
+                f"{self.source}: no obs column '{batch_key}'; available columns: {list(self.obs.columns) or 'none'}"
+            )
+        return category_codes(self.obs[batch_key], name=batch_key, source=self.source, categories=categories)
+
+    def library_log_stats(
+        self, batch_codes: np.ndarray, n_batch: int, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-batch mean and population variance of the log total counts (the latent-library prior).
+
+        Matches scvi-tools' ``_init_library_size``: a batch with no cells gets mean 0 and variance 1.
+        Computed ``chunk_rows`` rows at a time, as out-of-core stores do.
+
+        Parameters
+        ----------
+        batch_codes
+            Code of every cell, shape ``(n_obs,)``, values in ``[0, n_batch)``.
+        n_batch
+            Number of batches.
+        chunk_rows
+            Rows summed at a time.
+
+        Returns
+        -------
+        tuple
+            ``(means_b, vars_b)``, float64 arrays of shape ``(n_batch,)``.
+        """
+        batch_n = np.asarray(batch_codes, dtype=np.int64)
+        if batch_n.shape != (self.n_obs,):
+            raise ValueError(f"batch_codes has shape {batch_n.shape}, expected ({self.n_obs},)")
+        if batch_n.size and (batch_n.min() < 0 or batch_n.max() >= n_batch):
+            raise ValueError(f"batch codes must lie in [0, {n_batch})")
+        stats = _LogLibraryAccumulator(n_batch)
+        for start in range(0, self.n_obs, chunk_rows):
+            stop = min(start + chunk_rows, self.n_obs)
+            total_n = np.asarray(self.read_range(start, stop).sum(axis=1, dtype=np.float64)).ravel()
+            stats.add(total_n, batch_n[start:stop])
+        return stats.result()
+
+
+class MemoryStore(StoreReads):
     """Validated counts, gene names and cell metadata held in memory.
 
     Parameters
@@ -249,43 +335,6 @@ class MemoryStore:
     def __repr__(self) -> str:
         return f"MemoryStore({self.source!r}, n_obs={self.n_obs}, n_vars={self.n_vars}, nnz={self.X.nnz})"
 
-    def batch_codes(
-        self, batch_key: str | None, categories: Sequence[str] | None = None
-    ) -> tuple[np.ndarray, list[str]]:
-        """Integer batch code of every cell and the batch names in code order.
-
-        Parameters
-        ----------
-        batch_key
-            An ``obs`` column; ``None`` means one batch (scvi-tools' default): all codes 0, categories ``["0"]``.
-        categories
-            Fixed names in code order (from a trained model); values outside them are an error.
-
-        Returns
-        -------
-        tuple
-            ``(codes_n, categories)``: int64 codes of shape ``(n_obs,)`` and the names as ``str``.
-            Codes equal pandas ``obs[batch_key].astype("category").cat.codes`` when ``categories`` is None.
-
-        Raises
-        ------
-        InputError
-            Unknown column, missing values, or values not in ``categories``.
-        """
-        if batch_key is None:
-            names = ["0"] if categories is None else [str(c) for c in categories]
-            if len(names) != 1:
-                raise InputError(
-                    f"{self.source}: the model was trained with {len(names)} batches but no batch key was given; "
-                    "pass the batch column it was trained with"
-                )
-            return np.zeros(self.n_obs, dtype=np.int64), names
-        if batch_key not in self.obs.columns:
-            raise InputError(
-                f"{self.source}: no obs column '{batch_key}'; available columns: {list(self.obs.columns) or 'none'}"
-            )
-        return category_codes(self.obs[batch_key], name=batch_key, source=self.source, categories=categories)
-
     def read_rows(self, idx: np.ndarray) -> sp.csr_matrix:
         """Rows ``idx`` (any order, repeats allowed) as CSR float32, in the order given."""
         idx = np.asarray(idx, dtype=np.int64)
@@ -298,37 +347,3 @@ class MemoryStore:
         if not 0 <= start <= stop <= self.n_obs:
             raise IndexError(f"row range [{start}, {stop}) outside [0, {self.n_obs})")
         return self.X[start:stop]
-
-    def library_log_stats(
-        self, batch_codes: np.ndarray, n_batch: int, chunk_rows: int = DEFAULT_CHUNK_ROWS
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-batch mean and population variance of the log total counts (the latent-library prior).
-
-        Matches scvi-tools' ``_init_library_size``: a batch with no cells gets mean 0 and variance 1.
-        Computed ``chunk_rows`` rows at a time, as out-of-core stores do.
-
-        Parameters
-        ----------
-        batch_codes
-            Code of every cell, shape ``(n_obs,)``, values in ``[0, n_batch)``.
-        n_batch
-            Number of batches.
-        chunk_rows
-            Rows summed at a time.
-
-        Returns
-        -------
-        tuple
-            ``(means_b, vars_b)``, float64 arrays of shape ``(n_batch,)``.
-        """
-        batch_n = np.asarray(batch_codes, dtype=np.int64)
-        if batch_n.shape != (self.n_obs,):
-            raise ValueError(f"batch_codes has shape {batch_n.shape}, expected ({self.n_obs},)")
-        if batch_n.size and (batch_n.min() < 0 or batch_n.max() >= n_batch):
-            raise ValueError(f"batch codes must lie in [0, {n_batch})")
-        stats = _LogLibraryAccumulator(n_batch)
-        for start in range(0, self.n_obs, chunk_rows):
-            stop = min(start + chunk_rows, self.n_obs)
-            total_n = np.asarray(self.read_range(start, stop).sum(axis=1, dtype=np.float64)).ravel()
-            stats.add(total_n, batch_n[start:stop])
-        return stats.result()

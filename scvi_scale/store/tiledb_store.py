@@ -35,7 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scvi_scale.store.errors import InputError
-from scvi_scale.store.memory import MemoryStore
+from scvi_scale.store.memory import StoreReads
 from scvi_scale.store.tiledb_frame import read_frame as _read_frame
 from scvi_scale.store.tiledb_frame import write_frame as _write_frame
 from scvi_scale.store.validate import check_count_block, check_var_names
@@ -92,7 +92,7 @@ def tiledb_config(uri: str, config: dict[str, str] | None = None) -> dict[str, s
     return cfg
 
 
-class TileDBStore:
+class TileDBStore(StoreReads):
     """A count store in TileDB (local path or ``s3://``) with the read API of :class:`MemoryStore`.
 
     Parameters
@@ -199,10 +199,6 @@ class TileDBStore:
         if not 0 <= start <= stop <= self.n_obs:
             raise IndexError(f"row range [{start}, {stop}) outside [0, {self.n_obs})")
         return self._read_runs(np.array([start], dtype=np.int64), np.array([stop], dtype=np.int64))
-
-    # Same code as MemoryStore's (they only use obs, n_obs, source and read_range), so results are identical.
-    batch_codes = MemoryStore.batch_codes
-    library_log_stats = MemoryStore.library_log_stats
 
     # ---- obsm: dense float32 outputs written by row region ----
 

@@ -37,7 +37,7 @@ import scipy.sparse as sp
 import zarr
 
 from scvi_scale.store.errors import InputError
-from scvi_scale.store.memory import MemoryStore, library_log_stats_from_totals
+from scvi_scale.store.memory import StoreReads, library_log_stats_from_totals
 from scvi_scale.store.open import resolve_location
 
 __all__ = [
@@ -209,7 +209,7 @@ def truncate(root: zarr.Group, n_obs: int, nnz: int) -> None:
         write_elem(root, "obs", obs.iloc[:n_obs])
 
 
-class ZarrStore:
+class ZarrStore(StoreReads):
     """A converted count store on local disk or in object storage, read in row blocks.
 
     Parameters
@@ -289,13 +289,6 @@ class ZarrStore:
         import anndata
 
         return anndata.io.read_elem(self._root["obs"])
-
-    def batch_codes(
-        self, batch_key: str | None, categories: Sequence[str] | None = None
-    ) -> tuple[np.ndarray, list[str]]:
-        """Integer batch code of every cell and the batch names; same contract as ``MemoryStore.batch_codes``."""
-        # MemoryStore's method only needs obs, n_obs and source, which this store has too
-        return MemoryStore.batch_codes(self, batch_key, categories)  # type: ignore[arg-type]
 
     def _entries(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self._data[lo:hi]), np.asarray(self._indices[lo:hi])
