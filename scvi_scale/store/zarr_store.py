@@ -92,6 +92,32 @@ def set_complete(root: zarr.Group, complete: bool, **updates: Any) -> None:
     root.attrs[_META] = meta
 
 
+def _checked_zstd() -> Any:
+    """zstd at zarr's default level, with the frame checksum on: a damaged chunk fails to decode instead of
+    reading as wrong counts (the shard index has its own crc32c)."""
+    from zarr.codecs import ZstdCodec
+
+    return ZstdCodec(level=0, checksum=True)
+
+
+class _Damaged:
+    """Turns a failure to read or decode part of ``X`` into one :class:`InputError` naming the store and entries."""
+
+    def __init__(self, source: str, what: str) -> None:
+        self.source, self.what = source, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, (InputError, KeyboardInterrupt, MemoryError, IndexError)):
+            return False
+        raise InputError(
+            f"{self.source}: cannot read {self.what} ({type(exc).__name__}: {str(exc)[:160]}); the store is damaged "
+            "(a truncated or corrupted chunk file): restore it or rebuild it with `scvi-scale convert`"
+        ) from exc
+
+
 def create_layout(
     location: Any, var_names: Sequence[str], count_dtype: np.dtype, metadata: dict[str, Any]
 ) -> zarr.Group:
@@ -117,8 +143,12 @@ def create_layout(
     x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [0, n_vars]})
     index_dtype = np.int32 if n_vars < np.iinfo(np.int32).max else np.int64
     for name, dtype in (("data", count_dtype), ("indices", index_dtype)):
-        x.create_array(name, shape=(0,), dtype=dtype, chunks=(ENTRY_CHUNK,), shards=(ENTRY_SHARD,))
-    indptr = x.create_array("indptr", shape=(1,), dtype=np.int64, chunks=(ENTRY_CHUNK,), shards=(INDPTR_SHARD,))
+        x.create_array(
+            name, shape=(0,), dtype=dtype, chunks=(ENTRY_CHUNK,), shards=(ENTRY_SHARD,), compressors=_checked_zstd()
+        )
+    indptr = x.create_array(
+        "indptr", shape=(1,), dtype=np.int64, chunks=(ENTRY_CHUNK,), shards=(INDPTR_SHARD,), compressors=_checked_zstd()
+    )
     indptr[:] = np.zeros(1, dtype=np.int64)
     write_elem(root, "var", pd.DataFrame(index=pd.Index([str(g) for g in var_names])))
     write_elem(root, "obsm", {})
@@ -209,6 +239,20 @@ def truncate(root: zarr.Group, n_obs: int, nnz: int) -> None:
         write_elem(root, "obs", obs.iloc[:n_obs])
 
 
+def _check_shards_present(arr: zarr.Array, source: str) -> None:
+    """Refuse a store whose arrays lack shard (or chunk) files: zarr would read them as zeros, silently."""
+    n = int(arr.shape[0])
+    unit = int((arr.shards or arr.chunks)[0])
+    expected = -(-n // unit)
+    per_unit = unit // int(arr.chunks[0])
+    present = int(arr.nchunks_initialized) // max(per_unit, 1)
+    if present < expected:
+        raise InputError(
+            f"{source}: {arr.path} has {present} of its {expected} shard files; the store is damaged "
+            f"(files under {arr.path}/c/ are missing): restore them or rebuild it with `scvi-scale convert`"
+        )
+
+
 class ZarrStore(StoreReads):
     """A converted count store on local disk or in object storage, read in row blocks.
 
@@ -257,6 +301,8 @@ class ZarrStore(StoreReads):
             raise InputError(f"{self.source}: X is {x.attrs.get('encoding-type')!r}, expected csr_matrix; reconvert")
         self._data, self._indices, self._indptr_arr = x["data"], x["indices"], x["indptr"]
         self.n_obs, self.n_vars = (int(s) for s in x.attrs["shape"])
+        for arr in (self._data, self._indices, self._indptr_arr):
+            _check_shards_present(arr, self.source)
 
     def __repr__(self) -> str:
         return f"ZarrStore({self.source!r}, n_obs={self.n_obs}, n_vars={self.n_vars}, nnz={self.nnz})"
@@ -273,7 +319,8 @@ class ZarrStore(StoreReads):
     @cached_property
     def indptr(self) -> np.ndarray:
         """Row pointers (int64, ``n_obs + 1``), read once: 8 bytes per cell."""
-        return np.asarray(self._indptr_arr[:], dtype=np.int64)
+        with _Damaged(self.source, "X/indptr"):
+            return np.asarray(self._indptr_arr[:], dtype=np.int64)
 
     @cached_property
     def var_names(self) -> np.ndarray:
@@ -291,7 +338,8 @@ class ZarrStore(StoreReads):
         return anndata.io.read_elem(self._root["obs"])
 
     def _entries(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self._data[lo:hi]), np.asarray(self._indices[lo:hi])
+        with _Damaged(self.source, f"X entries {lo}..{hi} (shard file c/{lo // ENTRY_SHARD} of X/data, X/indices)"):
+            return np.asarray(self._data[lo:hi]), np.asarray(self._indices[lo:hi])
 
     def read_range(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``start:stop`` as CSR float32 (one slice of data and of indices)."""
@@ -326,7 +374,8 @@ class ZarrStore(StoreReads):
             data, indices = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         else:  # scattered: one coordinate read decodes each touched chunk once, concurrently (~5x faster)
             pos = np.repeat(ptr[rows] - sub_ptr[:-1], np.diff(sub_ptr)) + np.arange(sub_ptr[-1])
-            data, indices = self._data.get_coordinate_selection(pos), self._indices.get_coordinate_selection(pos)
+            with _Damaged(self.source, f"X entries of {rows.size} scattered rows"):
+                data, indices = self._data.get_coordinate_selection(pos), self._indices.get_coordinate_selection(pos)
         data = np.asarray(data).astype(np.float32)
         sub = sp.csr_matrix((data, indices, sub_ptr), shape=(rows.size, self.n_vars), copy=False)
         if rows.size == idx.size and np.array_equal(rows, idx):
@@ -344,7 +393,8 @@ class ZarrStore(StoreReads):
             stop = min(stop, self.n_obs)
             lo, hi = int(ptr[start]), int(ptr[stop])
             csum = np.zeros(hi - lo + 1, dtype=np.float64)
-            np.cumsum(np.asarray(self._data[lo:hi]), dtype=np.float64, out=csum[1:])
+            with _Damaged(self.source, f"X entries {lo}..{hi} (shard file c/{lo // ENTRY_SHARD} of X/data, X/indices)"):
+                np.cumsum(np.asarray(self._data[lo:hi]), dtype=np.float64, out=csum[1:])
             local = ptr[start : stop + 1] - lo
             total_n[start:stop] = csum[local[1:]] - csum[local[:-1]]
             start = stop
