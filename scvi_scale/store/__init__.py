@@ -2,6 +2,7 @@
 
 Public API
 ----------
+- :class:`CountStore`: the protocol every backend satisfies (:mod:`scvi_scale.store.contract`).
 - :class:`InputError`: one-line, user-facing error for bad files, layers, columns and counts.
 - :func:`validate_counts`, :func:`check_count_block`, :func:`check_var_names`: the "counts are counts" checks.
 - :class:`MemoryStore`: validated counts held in memory (tests, notebooks, small files).
@@ -15,6 +16,7 @@ Public API
 
 from __future__ import annotations
 
+from scvi_scale.store.contract import CountStore
 from scvi_scale.store.errors import InputError
 from scvi_scale.store.h5ad import read_h5ad
 from scvi_scale.store.memory import MemoryStore, category_codes, library_log_stats_from_totals
@@ -23,6 +25,7 @@ from scvi_scale.store.validate import ValidatedCounts, check_count_block, check_
 from scvi_scale.store.zarr_store import ZarrStore
 
 __all__ = [
+    "CountStore",
     "InputError",
     "MemoryStore",
     "ValidatedCounts",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -278,6 +278,8 @@ class MemoryStore(StoreReads):
         self._var_names = np.asarray([str(v) for v in var_names], dtype=str)
         self.source = source
         self.n_dropped = n_dropped
+        self.obsm: dict[str, np.ndarray] = {}  # per-cell outputs written by write_obsm
+        self._metadata: dict[str, Any] = {"format_version": 1, "provenance": [{"source": source}]}
 
     @classmethod
     def from_anndata(
@@ -334,6 +336,30 @@ class MemoryStore(StoreReads):
 
     def __repr__(self) -> str:
         return f"MemoryStore({self.source!r}, n_obs={self.n_obs}, n_vars={self.n_vars}, nnz={self.X.nnz})"
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Store metadata (format version, provenance, and what ``prepare`` records), as the disk stores keep it."""
+        return self._metadata
+
+    def write_obsm(self, key: str, start: int, stop: int, values: np.ndarray) -> None:
+        """Write rows ``start:stop`` of ``obsm[key]`` (created on first write; unwritten float rows are NaN)."""
+        values = np.asarray(values)
+        if values.ndim != 2 or values.shape[0] != stop - start or not 0 <= start <= stop <= self.n_obs:
+            raise ValueError(f"values of shape {values.shape} do not fit rows [{start}, {stop}) of {self.n_obs}")
+        arr = self.obsm.get(key)
+        if arr is None:
+            arr = np.full((self.n_obs, values.shape[1]), np.nan if values.dtype.kind == "f" else 0, values.dtype)
+            self.obsm[key] = arr
+        elif arr.shape[1] != values.shape[1]:
+            raise ValueError(f"obsm[{key!r}] has {arr.shape[1]} columns, values have {values.shape[1]}")
+        arr[start:stop] = values
+
+    def read_obsm(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of ``obsm[key]``."""
+        if key not in self.obsm:
+            raise InputError(f"{self.source}: no obsm[{key!r}]; available: {sorted(self.obsm) or 'none'}")
+        return self.obsm[key][start : self.n_obs if stop is None else stop].copy()
 
     def read_rows(self, idx: np.ndarray) -> sp.csr_matrix:
         """Rows ``idx`` (any order, repeats allowed) as CSR float32, in the order given."""

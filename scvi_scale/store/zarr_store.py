@@ -412,6 +412,14 @@ class ZarrStore(StoreReads):
             raise ValueError(f"batch codes must lie in [0, {n_batch})")
         return library_log_stats_from_totals(self.row_totals(), batch_n, n_batch)
 
+    def read_obsm(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of ``obsm/<key>`` (rows never written read as NaN for float arrays)."""
+        location, _ = resolve_location(self._url, self._storage_options, read_only=True)
+        obsm = zarr.open_group(location, mode="r")["obsm"]
+        if key not in obsm:
+            raise InputError(f"{self.source}: no obsm/{key}; available: {sorted(obsm.keys()) or 'none'}")
+        return np.asarray(obsm[key][start : self.n_obs if stop is None else stop])
+
     def write_obsm(self, key: str, start: int, stop: int, values: np.ndarray) -> None:
         """Write rows ``start:stop`` of ``obsm/<key>`` (created on first write, chunks of OBSM_CHUNK_ROWS rows).
 
