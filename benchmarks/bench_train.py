@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import sys
@@ -43,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import cpu_model, emit, ratio_line
 
 from scvi_scale import api
 from scvi_scale.data import MemoryLoader, train_val_split
@@ -51,31 +51,12 @@ from scvi_scale.model import VAE, ModelConfig
 from scvi_scale.store.memory import MemoryStore
 from scvi_scale.train.optim import kl_weight, make_optimizer
 
-OUT = sys.stdout  # JSON lines only; third-party output is redirected to stderr
 TRAIN_SIZE = 0.9
 N_BATCHES = 4
 SEED = 0
 NEVER = 10**9  # check_val_every_n_epoch beyond any run: no validation, as in scvi-tools' default
 TARGETS_VS_SCVI_TOOLS = {128: 3.0, 1024: 1.5}
 TARGET_VS_CEILING = 0.85
-
-
-def emit(record: dict[str, Any]) -> None:
-    """Write one JSON line to the real stdout and flush (so partial runs still leave their lines)."""
-    OUT.write(json.dumps(record) + "\n")
-    OUT.flush()
-
-
-def cpu_model() -> str:
-    """The CPU model name from ``/proc/cpuinfo`` (falls back to :func:`platform.processor`)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def steady_state(epoch_s: list[float], cells_per_epoch: list[int]) -> tuple[float, list[int]]:
@@ -314,12 +295,6 @@ def best_of(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {**best, "repeats": len(records), "cells_per_s_runs": [r["cells_per_s"] for r in records]}
 
 
-def ratio_line(name: str, batch_size: int, num: float | None, den: float | None, target: float | None) -> dict:
-    ratio = num / den if num is not None and den else None
-    met = None if ratio is None or target is None else bool(ratio >= target)
-    return {"bench": "train", "summary": name, "batch_size": batch_size, "ratio": ratio, "target": target, "met": met}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-cells", type=int, default=20_000)
@@ -411,9 +386,17 @@ def main(argv: list[str] | None = None) -> None:
         ours = results.get(("scvi-scale", bs))
         if "scvi-tools" in args.impls:
             target = TARGETS_VS_SCVI_TOOLS.get(bs)
-            emit(ratio_line("scvi_scale/scvi_tools", bs, ours, results.get(("scvi-tools", bs)), target))
+            emit(
+                ratio_line(
+                    "train", "scvi_scale/scvi_tools", ours, results.get(("scvi-tools", bs)), target, batch_size=bs
+                )
+            )
         if "ceiling" in args.impls:
-            emit(ratio_line("scvi_scale/ceiling", bs, ours, results.get(("ceiling", bs)), TARGET_VS_CEILING))
+            emit(
+                ratio_line(
+                    "train", "scvi_scale/ceiling", ours, results.get(("ceiling", bs)), TARGET_VS_CEILING, batch_size=bs
+                )
+            )
 
 
 if __name__ == "__main__":
