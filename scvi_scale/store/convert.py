@@ -1,31 +1,46 @@
-"""Streaming conversion of ``.h5ad`` files into a Zarr count store (:func:`convert`) and growing it (:func:`append`).
+"""Streaming conversion of inputs into a Zarr or TileDB count store (:func:`convert`); growing one (:func:`append`).
 
-Each input is read in row blocks through h5py (``X`` or a layer; CSR or dense), never whole: a block holds
-about ``memory_budget_bytes / BYTES_PER_ENTRY`` entries, cut at row boundaries from ``indptr``, is validated
-with :func:`~scvi_scale.store.validate.check_count_block` (messages name the file and its row), mapped to the
-store's genes and appended to ``X``. Inputs' ``obs``/``var`` are held in memory (small next to ``X``). A first
-pass over ``X/data`` finds the largest count, so that the store's counts are uint16 when they fit.
+Inputs (``.h5ad``, AnnData ``.zarr``, 10x ``.h5`` and ``matrix.mtx`` folders; :mod:`scvi_scale.store.inputs`)
+are read in row blocks, never whole: a block holds about ``memory_budget_bytes / BYTES_PER_ENTRY`` entries,
+cut at row boundaries, is validated with :func:`~scvi_scale.store.validate.check_count_block` (messages name
+the file and its row and gene), mapped to the store's genes and written. Inputs' ``obs``/``var`` are held in
+memory (small next to the counts). A first pass over every input finds the largest count, so that the
+store's counts are uint16 when they fit.
 
-A conversion writes to a hidden sibling (``.NAME.converting``), sets the commit flag last and renames it
-into place; a killed run leaves only that sibling, which the next run removes. :func:`append` works in place
-with the commit flag cleared, and rolls a half-done append back before retrying.
+Where the output goes:
+
+- a local Zarr store is written under a hidden sibling (``.NAME.converting``) with the commit flag set
+  last, then renamed into place; a killed run leaves only that sibling, which the next run removes;
+- a Zarr store at a URL (``s3://...``; object stores cannot rename) is written in place with the commit flag
+  cleared, and the flag is set last (:class:`~scvi_scale.store.zarr_store.ZarrStore` refuses a store without
+  it); an incomplete store left there by a killed run is removed first; replacing a complete one needs
+  ``overwrite`` and is not atomic;
+- a TileDB store (``store_format="tiledb"``, or a name ending ``.tiledb``) is written by
+  :meth:`~scvi_scale.store.tiledb_store.TileDBStore.create` (local or ``s3://``), which fixes the number of
+  rows up front: with ``drop_empty_cells`` the inputs are read once more to find the empty cells first.
+
+:func:`append` works in place on a local Zarr store with the commit flag cleared, and rolls a half-done
+append back before retrying.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import zarr
 
 from scvi_scale.store.errors import InputError
+from scvi_scale.store.inputs import KINDS_HINT, CountInput, open_input, select_columns
+from scvi_scale.store.open import resolve_location
 from scvi_scale.store.validate import check_count_block, check_var_names
 from scvi_scale.store.zarr_store import (
     CsrAppender,
@@ -37,7 +52,7 @@ from scvi_scale.store.zarr_store import (
     write_elem,
 )
 
-__all__ = ["BYTES_PER_ENTRY", "DEFAULT_MEMORY_BUDGET", "append", "convert"]
+__all__ = ["BYTES_PER_ENTRY", "DEFAULT_MEMORY_BUDGET", "FORMATS", "append", "convert"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,85 +60,11 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 # Peak bytes per stored entry of a block: source data+indices, validation masks and rint copy, mapped
 # indices, float64 row sums, the output copy (measured order of magnitude, rounded up).
 BYTES_PER_ENTRY = 48
-_INDPTR_WINDOW = 1 << 20
+FORMATS = ("zarr", "tiledb")
+_NAME_SUFFIXES = (".h5ad", ".h5", ".zarr", ".mtx.gz", ".mtx")
 
 
-@dataclass
-class _Input:
-    """One source file: its names and metadata, and where its counts live."""
-
-    path: Path
-    key: str
-    var_names: np.ndarray
-    obs: pd.DataFrame
-    dense: bool
-    source: str
-    n_obs: int
-    max_entries: int  # entries per row block, from the memory budget
-
-
-def _open_input(path: str | os.PathLike[str], layer: str | None, max_entries: int) -> _Input:
-    import anndata.io
-
-    path = Path(path)
-    if not path.is_file() or not h5py.is_hdf5(path):
-        raise InputError(f"{path}: not an existing .h5ad file; check the path")
-    with h5py.File(path, "r") as f:
-        key = f"layers/{layer}" if layer is not None else "X"
-        if key not in f:
-            raise InputError(f"{path}: no '{key}' in the file; pass --layer with the layer holding raw counts")
-        if "obs" not in f or "var" not in f:
-            raise InputError(f"{path}: not an AnnData .h5ad (no obs/var); write it with adata.write_h5ad()")
-        obs = anndata.io.read_elem(f["obs"])
-        var_names = check_var_names(anndata.io.read_elem(f["var"]).index, str(path))
-        node = f[key]
-        dense = isinstance(node, h5py.Dataset)
-        enc = node.attrs.get("encoding-type", "array")
-        if not dense and enc != "csr_matrix":
-            raise InputError(
-                f"{path}: '{key}' is stored as {enc}; streaming needs CSR (or dense) rows, so rewrite it with "
-                "adata.X = adata.X.tocsr(); adata.write_h5ad(...)"
-            )
-        shape = tuple(int(s) for s in (node.shape if dense else node.attrs["shape"]))
-    if shape != (obs.shape[0], var_names.shape[0]) or shape[0] == 0:
-        raise InputError(f"{path}: '{key}' has shape {shape} for {obs.shape[0]} cells x {var_names.shape[0]} genes")
-    return _Input(path, key, var_names, obs, dense, str(path), shape[0], max_entries)
-
-
-def _iter_blocks(f: h5py.File, inp: _Input):
-    """Yield ``(start, stop, block)`` row blocks of about ``max_entries`` stored entries (CSR or dense)."""
-    node, max_entries = f[inp.key], inp.max_entries
-    if inp.dense:
-        step = max(1, max_entries // max(1, inp.var_names.shape[0]))
-        for start in range(0, inp.n_obs, step):
-            yield start, min(start + step, inp.n_obs), node[start : start + step]
-        return
-    ptr_ds, data_ds, ind_ds = node["indptr"], node["data"], node["indices"]
-    for w0 in range(0, inp.n_obs, _INDPTR_WINDOW):
-        ptr = np.asarray(ptr_ds[w0 : min(w0 + _INDPTR_WINDOW, inp.n_obs) + 1], dtype=np.int64)
-        start = 0
-        while start < ptr.shape[0] - 1:
-            stop = int(np.searchsorted(ptr, ptr[start] + max_entries, side="right")) - 1
-            stop = min(max(stop, start + 1), ptr.shape[0] - 1)
-            lo, hi = int(ptr[start]), int(ptr[stop])
-            block = sp.csr_matrix(
-                (data_ds[lo:hi], ind_ds[lo:hi], ptr[start : stop + 1] - lo), shape=(stop - start, len(inp.var_names))
-            )
-            yield w0 + start, w0 + stop, block
-            start = stop
-
-
-def _max_count(f: h5py.File, inp: _Input) -> float:
-    """Largest stored value (first pass; NaN and negatives are left for validation to report)."""
-    node = f[inp.key]
-    ds = node if inp.dense else node["data"]
-    if ds.dtype.kind in "ui" and ds.dtype.itemsize <= 2:
-        return float(np.iinfo(ds.dtype).max)
-    step = max(1, inp.max_entries // ds.shape[1]) if inp.dense else inp.max_entries  # rows of dense X, entries of CSR
-    return max(float(np.nanmax(ds[lo : lo + step], initial=0)) for lo in range(0, ds.shape[0], step))
-
-
-def _gene_space(inputs: list[_Input], genes: str | os.PathLike[str]) -> tuple[np.ndarray, str]:
+def _gene_space(inputs: list[CountInput], genes: str | os.PathLike[str]) -> tuple[np.ndarray, str]:
     if isinstance(genes, str) and genes in ("union", "intersection"):
         if genes == "union":
             names = pd.unique(np.concatenate([inp.var_names for inp in inputs]))
@@ -143,20 +84,12 @@ def _gene_space(inputs: list[_Input], genes: str | os.PathLike[str]) -> tuple[np
     return np.asarray(names, dtype=str), mode
 
 
-def _to_store_block(block, col_map: np.ndarray, n_out: int) -> sp.csr_matrix:
+def _to_store_block(block: sp.csr_matrix | np.ndarray, col_map: np.ndarray, n_out: int) -> sp.csr_matrix:
     """A validated source block as canonical CSR over the output genes (dropped genes removed)."""
     csr = sp.csr_matrix(block)
     if not csr.has_canonical_format:
         csr.sum_duplicates()
-    cols = col_map[csr.indices]
-    keep = cols >= 0
-    indptr, data = csr.indptr, csr.data
-    if not keep.all():
-        row_of = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
-        indptr = np.zeros(csr.shape[0] + 1, dtype=np.int64)
-        np.cumsum(np.bincount(row_of[keep], minlength=csr.shape[0]), out=indptr[1:])
-        cols, data = cols[keep], data[keep]
-    out = sp.csr_matrix((data, cols.astype(np.int32), indptr), shape=(csr.shape[0], n_out))
+    out = select_columns(csr, col_map, n_out)
     out.has_sorted_indices = False
     out.sort_indices()  # a reordered gene space scrambles the order within rows
     return out
@@ -166,13 +99,16 @@ def _write_block(writer: CsrAppender, block: sp.csr_matrix) -> None:
     writer.append(block)
 
 
-def _stream_file(inp: _Input, writer: CsrAppender, out_genes: np.ndarray, drop_empty: bool, pbar) -> np.ndarray:
-    """Append one file's rows to ``writer``; return the mask of rows kept."""
-    col_map = pd.Index(out_genes).get_indexer(inp.var_names).astype(np.int64)  # -1: gene not kept
-    obs_names = inp.obs.index.astype(str).to_numpy()
-    keep_n = np.ones(inp.n_obs, dtype=bool)
-    with h5py.File(inp.path, "r") as f:
-        for start, stop, block in _iter_blocks(f, inp):
+def _out_blocks(
+    opened: list[CountInput], out_genes: np.ndarray, drop_empty: bool, pbar: Any, kept: list, provenance: list
+) -> Iterator[sp.csr_matrix]:
+    """Every input's validated rows over ``out_genes``, in order; fills ``kept`` (row masks) and ``provenance``."""
+    n_out = 0
+    for inp in opened:
+        col_map = pd.Index(out_genes).get_indexer(inp.var_names).astype(np.int64)  # -1: gene not kept
+        obs_names = inp.obs.index.astype(str).to_numpy()
+        keep_n, first = np.ones(inp.n_obs, dtype=bool), n_out
+        for start, stop, block in inp.blocks():
             total = check_count_block(block, inp.source, inp.var_names, row_offset=start, obs_names=obs_names)
             out = _to_store_block(block, col_map, len(out_genes))
             empty = (total == 0) | (np.diff(out.indptr) == 0)
@@ -186,9 +122,11 @@ def _stream_file(inp: _Input, writer: CsrAppender, out_genes: np.ndarray, drop_e
                     )
                 keep_n[start:stop] = ~empty
                 out = out[~empty]
-            _write_block(writer, out)
+            n_out += out.shape[0]
+            yield out
             pbar.update(stop - start)
-    return keep_n
+        kept.append(keep_n)
+        provenance.append({**inp.provenance(), "n_obs_in": inp.n_obs, "rows": [first, n_out]})
 
 
 def _merge_obs(frames: list[pd.DataFrame], sort_new: bool) -> pd.DataFrame:
@@ -214,15 +152,31 @@ def _merge_obs(frames: list[pd.DataFrame], sort_new: bool) -> pd.DataFrame:
     return obs
 
 
-def _inputs_obs(inputs: list[_Input], batch_key: str | None, batch_per_file: bool) -> list[pd.DataFrame]:
-    frames = []
-    stems = [inp.path.stem for inp in inputs]
-    if batch_per_file and len(set(stems)) != len(stems):
-        raise InputError(f"batch_per_file needs distinct file names; got {stems}")
+def _batch_labels(inputs: list[CountInput]) -> list[str]:
+    """One batch name per input: file names without their suffix, else the nearest folder names that differ.
+
+    10x outputs share their file names (``s1/outs/filtered_feature_bc_matrix.h5``, ``s2/outs/...``): they
+    become ``s1`` and ``s2``.
+    """
+    chains = []
     for inp in inputs:
+        name = inp.path.name
+        suffix = next((s for s in _NAME_SUFFIXES if name.lower().endswith(s)), "")
+        chains.append([name[: len(name) - len(suffix)], *(p.name for p in inp.path.resolve().parents if p.name)])
+    for depth in range(max(len(c) for c in chains)):
+        labels = [c[depth] if depth < len(c) else "" for c in chains]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise InputError(f"batch_per_file needs inputs whose names tell them apart; got {[str(i.path) for i in inputs]}")
+
+
+def _inputs_obs(inputs: list[CountInput], batch_key: str | None, batch_per_file: bool) -> list[pd.DataFrame]:
+    frames = []
+    labels = _batch_labels(inputs) if batch_per_file else []
+    for i, inp in enumerate(inputs):
         obs = inp.obs.copy()
         if batch_per_file:
-            obs[batch_key or "batch"] = pd.Categorical([inp.path.stem] * inp.n_obs, categories=stems)
+            obs[batch_key or "batch"] = pd.Categorical([labels[i]] * inp.n_obs, categories=labels)
         elif batch_key is not None and batch_key not in obs.columns:
             raise InputError(
                 f"{inp.source}: no obs column '{batch_key}' (present in the other inputs); available columns: "
@@ -233,40 +187,142 @@ def _inputs_obs(inputs: list[_Input], batch_key: str | None, batch_per_file: boo
 
 
 def _prepare(
-    paths: list, layer: str | None, batch_key: str | None, batch_per_file: bool, budget: int
-) -> tuple[list[_Input], list[pd.DataFrame], np.dtype]:
-    """Open and check every input (before anything is written); their obs frames and the count dtype."""
+    paths: list, layer: str | None, batch_key: str | None, batch_per_file: bool, budget: int, var_names: str,
+    progress: bool,
+) -> tuple[list[CountInput], list[pd.DataFrame], np.dtype]:  # fmt: skip
+    """Open, check and scan every input (before anything is written); their obs frames and the count dtype."""
+    from tqdm.auto import tqdm
+
     if not paths:
-        raise InputError("no input files given; pass one or more .h5ad files")
-    opened = [_open_input(p, layer, max(1024, int(budget) // BYTES_PER_ENTRY)) for p in paths]
+        raise InputError(f"no inputs given; pass one or more of: {KINDS_HINT}")
+    max_entries = max(1024, int(budget) // BYTES_PER_ENTRY)
+    opened = [open_input(p, max_entries=max_entries, layer=layer, var_names=var_names) for p in paths]
     frames = _inputs_obs(opened, batch_key, batch_per_file)
     best = 0.0
-    for inp in opened:
-        with h5py.File(inp.path, "r") as f:
-            best = max(best, _max_count(f, inp))
+    total = sum(inp.nnz for inp in opened)
+    with tqdm(total=total, unit="entries", unit_scale=True, desc="scan", disable=not progress) as pbar:
+        for inp in opened:
+            best = max(best, inp.scan(pbar.update))
     return opened, frames, count_dtype_for(best)
 
 
-def _stream_all(
-    opened: list[_Input], writer: CsrAppender, out_genes: np.ndarray, drop_empty: bool, progress: bool, desc: str
-) -> tuple[list, list]:
-    """Stream every input into ``writer`` (closed at the end) under one progress bar (cells/s)."""
+def _stream_zarr(
+    root: zarr.Group, opened: list[CountInput], out_genes: np.ndarray, drop_empty: bool, progress: bool, desc: str
+) -> tuple[list, list, int]:
+    """Append every input to ``root``'s ``X`` under one progress bar (cells/s): (kept masks, provenance, n_obs)."""
     from tqdm.auto import tqdm
 
-    kept, provenance = [], []
-    total = sum(inp.n_obs for inp in opened)
-    with tqdm(total=total, unit="cells", unit_scale=True, desc=desc, disable=not progress) as pbar:
-        for inp in opened:
-            start, stat = writer.n_obs, inp.path.stat()
-            kept.append(_stream_file(inp, writer, out_genes, drop_empty, pbar))
-            where = {"path": str(inp.path.resolve()), "key": inp.key, "size_bytes": stat.st_size}
-            provenance.append({**where, "mtime": stat.st_mtime, "n_obs_in": inp.n_obs, "rows": [start, writer.n_obs]})
+    writer = CsrAppender(root)
+    kept: list = []
+    provenance: list = []
+    first = writer.n_obs
+    with tqdm(total=sum(i.n_obs for i in opened), unit="cells", unit_scale=True, desc=desc, disable=not progress) as pb:
+        for block in _out_blocks(opened, out_genes, drop_empty, pb, kept, provenance):
+            _write_block(writer, block)
     writer.close()
-    return kept, provenance
+    for entry in provenance:  # rows count from the store's first row, not from this call's
+        entry["rows"] = [entry["rows"][0] + first, entry["rows"][1] + first]
+    return kept, provenance, writer.n_obs
+
+
+def _fill_zarr(location: Any, opened: list[CountInput], frames: list, out_genes: np.ndarray, dtype: np.dtype,
+               meta: dict, drop_empty: bool, progress: bool, desc: str) -> int:  # fmt: skip
+    """Create a store at ``location``, stream the inputs in, write obs and set the commit flag last."""
+    root = create_layout(location, out_genes, dtype, {**meta, "provenance": []})
+    kept, provenance, n_obs = _stream_zarr(root, opened, out_genes, drop_empty, progress, desc)
+    write_elem(root, "obs", _merge_obs([fr[k] for fr, k in zip(frames, kept, strict=True)], sort_new=True))
+    set_complete(root, True, provenance=provenance)  # the commit flag: last write
+    return n_obs
 
 
 def _discard(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _to_local_zarr(out: Path, *args: Any) -> ZarrStore:
+    tmp = out.with_name(f".{out.name}.converting")
+    if tmp.exists():
+        logger.info("removing %s left by an interrupted conversion", tmp)
+        _discard(tmp)
+    try:
+        _fill_zarr(str(tmp), *args)
+    except BaseException:
+        _discard(tmp)
+        raise
+    old = out.with_name(f".{out.name}.replaced")
+    _discard(old)
+    if out.exists():
+        os.replace(out, old)  # two renames: a complete store is in place at every moment but between them
+    os.replace(tmp, out)
+    _discard(old)
+    return ZarrStore(out)
+
+
+def _url_meta(url: str, storage_options: dict | None) -> dict | None:
+    """What a URL holds: the scvi-scale metadata of a store, ``{}`` for another Zarr group, ``None`` for no group."""
+    location, _ = resolve_location(url, storage_options, read_only=True)
+    try:
+        root = zarr.open_group(location, mode="r")
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # any fsspec/zarr failure (credentials, endpoint) becomes one line
+        raise InputError(f"{url}: cannot check what is there ({type(exc).__name__}: {exc})") from exc
+    meta = root.attrs.get("scvi_scale")
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def _to_url_zarr(url: str, storage_options: dict | None, overwrite: bool, *args: Any) -> ZarrStore:
+    location, _ = resolve_location(url, storage_options, read_only=False)
+    meta = _url_meta(url, storage_options)
+    if meta is None:
+        try:  # nothing Zarr there: refuse to clear other objects under the prefix
+            zarr.open_group(location, mode="w-", zarr_format=3)
+        except FileExistsError:
+            raise InputError(f"{url}: holds objects that are not a Zarr store; choose an empty location") from None
+    elif not meta.get("complete"):
+        logger.warning("removing the incomplete store at %s left by an interrupted conversion", url)
+    elif not overwrite:  # checked before the scan too; this catches a store that appeared meanwhile
+        raise InputError(f"{url}: already exists; pass --overwrite to replace it")
+    _fill_zarr(location, *args)  # create_layout clears the location first
+    return ZarrStore(url, storage_options=storage_options)
+
+
+def _to_tiledb(uri: str, opened: list[CountInput], frames: list, out_genes: np.ndarray, dtype: np.dtype, meta: dict,
+               drop_empty: bool, progress: bool, overwrite: bool, storage_options: dict | None) -> Any:  # fmt: skip
+    from tqdm.auto import tqdm
+
+    if importlib.util.find_spec("tiledb") is None:  # fail before any reading
+        raise InputError(f"{uri}: TileDB stores need the tiledb extra: pip install 'scvi-scale[tiledb]'")
+    from scvi_scale.store.tiledb_store import TileDBStore
+
+    total, name = sum(inp.n_obs for inp in opened), uri.rstrip("/").rsplit("/", 1)[-1]
+    kept: list = []
+    if drop_empty:  # the array's row count is fixed at creation: find the empty cells first
+        with tqdm(total=total, unit="cells", unit_scale=True, desc="find empty cells", disable=not progress) as pb:
+            for _ in _out_blocks(opened, out_genes, True, pb, kept, []):
+                pass
+    else:
+        kept = [np.ones(inp.n_obs, dtype=bool) for inp in opened]
+    obs = _merge_obs([fr[k] for fr, k in zip(frames, kept, strict=True)], sort_new=True)
+    provenance: list = []
+    with tqdm(total=total, unit="cells", unit_scale=True, desc=f"convert {name}", disable=not progress) as pb:
+        store = TileDBStore.create(
+            uri, out_genes, obs, _out_blocks(opened, out_genes, drop_empty, pb, [], provenance),
+            source_names=[inp.source for inp in opened], count_dtype=dtype.name, overwrite=overwrite,
+            storage_options=storage_options,
+        )  # fmt: skip
+    # TileDBStore.create records only the source names; add the gene space, batch key and per-input rows. This
+    # lands after its commit flag: a crash in between leaves a complete store without these extra fields.
+    store.update_metadata("provenance", {**store.metadata["provenance"], **meta, "inputs": provenance})
+    return store
+
+
+def _out_format(text: str, store_format: str | None) -> str:
+    if store_format is None:
+        return "tiledb" if text.rstrip("/").lower().endswith(".tiledb") else "zarr"
+    if store_format not in FORMATS:
+        raise InputError(f"unknown store format {store_format!r}; choose one of {list(FORMATS)}")
+    return store_format
 
 
 def convert(
@@ -280,68 +336,76 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     drop_empty_cells: bool = False,
-) -> ZarrStore:
-    """Convert ``.h5ad`` files into one Zarr count store, streaming in row blocks.
+    *,
+    store_format: str | None = None,
+    var_names: str = "gene_symbols",
+    storage_options: dict[str, Any] | None = None,
+) -> Any:
+    """Convert inputs into one count store, streaming in row blocks.
 
     Parameters
     ----------
     inputs
-        One or more ``.h5ad`` files; their rows are stacked in the order given.
+        One or more ``.h5ad`` files, AnnData ``.zarr`` stores, 10x ``.h5`` files or 10x folders with
+        ``matrix.mtx(.gz)`` (kinds may be mixed); their rows are stacked in the order given.
     out
-        The store directory to create (local path, usually ``*.zarr``).
+        The store to create: a local path or a URL (``s3://bucket/atlas.zarr``).
     batch_key
         An obs column every input must have (the batch covariate); recorded in the metadata.
     batch_per_file
-        Make the file stem the batch: obs column ``batch_key`` (default ``"batch"``).
+        Make the input's name the batch: obs column ``batch_key`` (default ``"batch"``).
     layer
-        Read counts from ``layers[layer]`` instead of ``X``.
+        AnnData inputs: read counts from ``layers[layer]`` instead of ``X``.
     genes
-        ``"union"`` (genes missing from a file are zeros; order of first appearance), ``"intersection"``
-        (genes present in every file, in the first file's order), or the path of a text file with one gene
-        name per line (that order; listed genes a file lacks are zeros).
+        ``"union"`` (genes missing from an input are zeros; order of first appearance), ``"intersection"``
+        (genes present in every input, in the first one's order), or the path of a text file with one gene
+        name per line (that order; listed genes an input lacks are zeros).
     memory_budget_bytes
         Bounds the row block held at a time (plus a fixed overhead of about one shard per ``X`` array
         and the inputs' obs/var).
     overwrite
         Replace an existing ``out``.
     progress
-        Show a tqdm bar with cells/s.
+        Show tqdm bars: entries/s while scanning, cells/s while converting.
     drop_empty_cells
-        Drop cells with no counts (in the file or in the selected genes) instead of raising.
+        Drop cells with no counts (in the input or in the selected genes) instead of raising.
+    store_format
+        ``"zarr"`` or ``"tiledb"``; by default TileDB for an ``out`` ending in ``.tiledb``, else Zarr.
+    var_names
+        10x inputs: name genes by ``"gene_symbols"`` (default, as scanpy) or ``"gene_ids"`` (unique IDs).
+    storage_options
+        fsspec options for a Zarr URL (by default ``s3://`` takes ``AWS_*`` from the environment).
 
     Returns
     -------
-    ZarrStore
+    ZarrStore or TileDBStore
         The new store, opened.
     """
     paths = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: already exists; pass --overwrite to replace it, or use `append` to add cells")
-    opened, frames, dtype = _prepare(paths, layer, batch_key, batch_per_file, memory_budget_bytes)
+    text = os.fspath(out)
+    fmt = _out_format(text, store_format)
+    is_url = "://" in text and not text.startswith("file://")
+    local = None if is_url else Path(text.removeprefix("file://"))
+    if local is not None:
+        exists = local.exists()
+    else:  # an incomplete store at a URL does not count: it is replaced
+        meta = _url_meta(text, storage_options) if fmt == "zarr" else None
+        exists = meta is not None and (not meta or bool(meta.get("complete")))
+    if exists and not overwrite:  # checked before reading the inputs
+        raise InputError(f"{text}: already exists; pass --overwrite to replace it, or use `append` to add cells")
+    opened, frames, dtype = _prepare(paths, layer, batch_key, batch_per_file, memory_budget_bytes, var_names, progress)
     out_genes, genes_mode = _gene_space(opened, genes)
-    tmp = out.with_name(f".{out.name}.converting")
-    if tmp.exists():
-        logger.info("removing %s left by an interrupted conversion", tmp)
-        _discard(tmp)
-    key = batch_key or ("batch" if batch_per_file else None)
-    try:
-        root = create_layout(str(tmp), out_genes, dtype, {"genes": genes_mode, "batch_key": key, "provenance": []})
-        writer = CsrAppender(root)
-        kept, provenance = _stream_all(opened, writer, out_genes, drop_empty_cells, progress, f"convert {out.name}")
-        write_elem(root, "obs", _merge_obs([fr[k] for fr, k in zip(frames, kept, strict=True)], sort_new=True))
-        set_complete(root, True, provenance=provenance)  # the commit flag: last write
-    except BaseException:
-        _discard(tmp)
-        raise
-    old = out.with_name(f".{out.name}.replaced")
-    _discard(old)
-    if out.exists():
-        os.replace(out, old)  # two renames: a complete store is in place at every moment but between them
-    os.replace(tmp, out)
-    _discard(old)
-    logger.info("converted %d files into %s: %d cells x %d genes", len(opened), out, writer.n_obs, len(out_genes))
-    return ZarrStore(out)
+    meta = {"genes": genes_mode, "batch_key": batch_key or ("batch" if batch_per_file else None)}
+    if fmt == "tiledb":
+        store = _to_tiledb(
+            text if is_url else str(local), opened, frames, out_genes, dtype, meta, drop_empty_cells, progress,
+            overwrite, storage_options,
+        )  # fmt: skip
+    else:
+        args = (opened, frames, out_genes, dtype, meta, drop_empty_cells, progress, f"convert {Path(text).name}")
+        store = _to_url_zarr(text, storage_options, overwrite, *args) if is_url else _to_local_zarr(local, *args)
+    logger.info("converted %d inputs into %s: %d cells x %d genes", len(opened), text, store.n_obs, len(out_genes))
+    return store
 
 
 def append(
@@ -353,10 +417,12 @@ def append(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     progress: bool = True,
     drop_empty_cells: bool = False,
+    *,
+    var_names: str = "gene_symbols",
 ) -> ZarrStore:
-    """Append new files' cells at the end of an existing store (existing rows keep their place).
+    """Append new inputs' cells at the end of an existing local Zarr store (existing rows keep their place).
 
-    Genes the file lacks are zeros; genes the store lacks are an error. The commit flag is cleared meanwhile,
+    Genes an input lacks are zeros; genes the store lacks are an error. The commit flag is cleared meanwhile,
     and the next call rolls an interrupted append back. ``obsm`` arrays grow with NaN rows. Parameters as in
     :func:`convert`.
     """
@@ -370,7 +436,7 @@ def append(
         logger.warning("rolled back an interrupted append to %d cells", meta["append_pending"]["n_obs"])
         set_complete(root, True, append_pending=None)
     store = ZarrStore(store_path)
-    opened, frames, dtype = _prepare(paths, layer, batch_key, batch_per_file, memory_budget_bytes)
+    opened, frames, dtype = _prepare(paths, layer, batch_key, batch_per_file, memory_budget_bytes, var_names, progress)
     out_genes = store.var_names
     for inp in opened:
         extra = np.setdiff1d(inp.var_names, out_genes)
@@ -378,22 +444,21 @@ def append(
             shown = ", ".join(f"'{g}'" for g in extra[:5]) + (f" and {extra.size - 5} more" if extra.size > 5 else "")
             raise InputError(
                 f"{inp.source}: {extra.size} genes are not in the store's gene space ({shown}); drop them or "
-                "reconvert all files together"
+                "reconvert all inputs together"
             )
     if dtype.itemsize > np.dtype(meta["count_dtype"]).itemsize:
-        raise InputError(f"{store_path}: the new counts exceed the store's {meta['count_dtype']}; reconvert all files")
+        raise InputError(f"{store_path}: the new counts exceed the store's {meta['count_dtype']}; reconvert all inputs")
     n0, nnz0 = store.n_obs, store.nnz
     set_complete(root, False, append_pending={"n_obs": n0, "nnz": nnz0})
-    writer = CsrAppender(root)
     desc = f"append {Path(store_path).name}"
-    kept, provenance = _stream_all(opened, writer, out_genes, drop_empty_cells, progress, desc)
+    kept, provenance, n_obs = _stream_zarr(root, opened, out_genes, drop_empty_cells, progress, desc)
     new = [fr[k] for fr, k in zip(frames, kept, strict=True)]
     obs = _merge_obs([store.obs, *new], sort_new=False)
     del root["obs"]
     write_elem(root, "obs", obs)
     for key in list(root["obsm"].array_keys()):
         arr = root["obsm"][key]
-        arr.resize((writer.n_obs, *arr.shape[1:]))
+        arr.resize((n_obs, *arr.shape[1:]))
     set_complete(root, True, provenance=[*meta.get("provenance", []), *provenance], append_pending=None)
-    logger.info("appended %d cells to %s (now %d)", writer.n_obs - n0, store_path, writer.n_obs)
+    logger.info("appended %d cells to %s (now %d)", n_obs - n0, store_path, n_obs)
     return ZarrStore(store_path)

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -65,31 +65,47 @@ def _is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
-def tiledb_config(uri: str, config: dict[str, str] | None = None) -> dict[str, str]:
-    """TileDB config for ``uri``: S3 settings from the environment for ``s3://``, then ``config`` on top.
+def tiledb_config(
+    uri: str, config: dict[str, str] | None = None, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """TileDB config for ``uri``: S3 settings (``storage_options``, then the environment) for s3://; ``config`` last.
 
-    ``AWS_ENDPOINT_URL`` (or ``S3_ENDPOINT_URL``) sets ``vfs.s3.endpoint_override`` (host:port), ``vfs.s3.scheme``
-    (http for an http endpoint) and path-style addressing, as MinIO, moto and Ceph need; keys, session token and
-    region come from ``AWS_*``. Credentials are never logged.
+    The endpoint (``storage_options["endpoint_url"]``, else ``AWS_ENDPOINT_URL`` or ``S3_ENDPOINT_URL``) sets
+    ``vfs.s3.endpoint_override`` (host:port), ``vfs.s3.scheme`` (http for an http endpoint) and path-style
+    addressing, as MinIO, moto and Ceph need; region, keys and session token come from the options or ``AWS_*``
+    (:func:`~scvi_scale.store.open.s3_settings`), ``anon`` turns request signing off. Credentials are never logged.
     """
+    from scvi_scale.store.open import s3_settings
+
     cfg = {"sm.consolidation.with_timestamps": "false", "py.init_buffer_bytes": str(64 * 2**20)}
     if uri.startswith("s3://"):
-        env = os.environ
-        endpoint = env.get("AWS_ENDPOINT_URL") or env.get("S3_ENDPOINT_URL")
-        if endpoint:
-            parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-            cfg["vfs.s3.endpoint_override"] = parsed.netloc
+        s3 = s3_settings(storage_options)
+        if s3.endpoint_url:
+            parsed = urlparse(s3.endpoint_url if "://" in s3.endpoint_url else f"https://{s3.endpoint_url}")
+            cfg["vfs.s3.endpoint_override"] = parsed.netloc.rsplit("@", 1)[-1]  # host:port, never user:password@
             cfg["vfs.s3.scheme"] = parsed.scheme or "https"
             cfg["vfs.s3.use_virtual_addressing"] = "false"
-        for name in ("access_key_id", "secret_access_key", "session_token"):
-            if env.get(f"AWS_{name.upper()}"):
-                cfg[f"vfs.s3.aws_{name}"] = env[f"AWS_{name.upper()}"]
-        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-        if region:
-            cfg["vfs.s3.region"] = region
-        logger.debug("TileDB S3 config for %s: endpoint %s, region %s", uri, endpoint or "default", region)
+        if s3.anon:
+            cfg["vfs.s3.no_sign_request"] = "true"
+        else:
+            keys = {"access_key_id": s3.key, "secret_access_key": s3.secret, "session_token": s3.token}
+            cfg.update({f"vfs.s3.aws_{name}": value for name, value in keys.items() if value})
+        if s3.region:
+            cfg["vfs.s3.region"] = s3.region
+        endpoint = cfg.get("vfs.s3.endpoint_override", "default")
+        logger.debug("TileDB S3 config for %s: endpoint %s, region %s", uri, endpoint, s3.region or "default")
     cfg.update({str(k): str(v) for k, v in (config or {}).items()})
     return cfg
+
+
+def _object_type(tiledb: Any, uri: str, ctx: Any, cfg: dict[str, str]) -> str | None:
+    """``tiledb.object_type``, with an unreachable bucket or endpoint as one line saying what to check."""
+    from scvi_scale.store.open import describe_open_error, secret_values
+
+    try:
+        return tiledb.object_type(uri, ctx=ctx)
+    except tiledb.TileDBError as exc:
+        raise InputError(describe_open_error(uri, exc, "TileDB store", secret_values(cfg))) from exc
 
 
 class TileDBStore(StoreReads):
@@ -102,15 +118,20 @@ class TileDBStore(StoreReads):
         the commit flag (an interrupted conversion) or when its format is newer.
     config
         Extra TileDB config entries, on top of :func:`tiledb_config`'s.
+    storage_options
+        Object-store options (endpoint_url, region, key, secret, token, anon), over the ``AWS_*`` variables.
     """
 
-    def __init__(self, uri: str | os.PathLike[str], config: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, uri: str | os.PathLike[str], config: dict[str, str] | None = None, *,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         tiledb = _tiledb()
         self.uri = str(uri) if "://" in str(uri) else os.path.abspath(uri)
         self.source = self.uri
-        self._config = tiledb_config(self.uri, config)
+        self._config = tiledb_config(self.uri, config, storage_options)
         self._ctx = tiledb.Ctx(tiledb.Config(self._config))
-        if tiledb.object_type(self.uri, ctx=self._ctx) != "group":
+        if _object_type(tiledb, self.uri, self._ctx, self._config) != "group":
             raise InputError(f"{self.uri}: no TileDB count store here; write one with TileDBStore.create")
         with tiledb.Group(self.uri, ctx=self._ctx) as group:
             meta = {key: group.meta[key] for key in group.meta.keys()}
@@ -232,6 +253,55 @@ class TileDBStore(StoreReads):
         with _tiledb().open(f"{self.uri}/obsm/{key}", ctx=self._ctx) as arr:
             return arr[start:stop, :]["value"]
 
+    # ---- prepare (scvi_scale.store.prepare): gene columns in var, results in the group metadata ----
+
+    def read_var(self) -> pd.DataFrame:
+        """The ``var`` frame (gene names as index, with any columns ``prepare`` wrote)."""
+        return self.var.copy()
+
+    def write_var_columns(self, frame: pd.DataFrame, drop: Sequence[str] = ()) -> None:
+        """Add or replace ``var`` columns (``frame``'s index must be the gene names) and remove ``drop``.
+
+        The frame array is rewritten whole: locally under a temporary name, then swapped in by renames; in
+        object storage (no rename) in place.
+        """
+        tiledb = _tiledb()
+        if [str(v) for v in frame.index] != [str(v) for v in self.var_names]:
+            raise ValueError("frame's index must be the store's gene names, in order")
+        gone = [c for c in self.var.columns if c in {*frame.columns, *drop}]
+        var = pd.concat([self.var.drop(columns=gone), frame.set_axis(self.var.index)], axis=1)
+        if _is_local(self.uri):
+            root = self.uri.removeprefix("file://")
+            work = os.path.join(root, f".var.tmp-{os.getpid()}")
+            shutil.rmtree(work, ignore_errors=True)
+            _write_frame(tiledb, work, var, self._ctx, "var", self.source)
+            _replace_dir(work, os.path.join(root, "var"))
+        else:
+            tiledb.VFS(ctx=self._ctx).remove_dir(f"{self.uri}/var")
+            _write_frame(tiledb, f"{self.uri}/var", var, self._ctx, "var", self.source)
+        self.var = var
+
+    def update_metadata(self, key: str, value: Any) -> None:
+        """Set (or, with None, remove) one group metadata entry, stored as JSON."""
+        tiledb = _tiledb()
+        with tiledb.Group(self.uri, ctx=self._ctx) as group:
+            present = key in group.meta
+        with tiledb.Group(self.uri, "w", ctx=self._ctx) as group:
+            if value is not None:
+                group.meta[key] = json.dumps(value)
+            elif present:
+                del group.meta[key]
+        if value is None:
+            self.metadata.pop(key, None)
+        else:
+            self.metadata[key] = value
+
+    @property
+    def prepared(self) -> dict[str, Any] | None:
+        """The ``prepare`` entry recorded by :func:`scvi_scale.store.prepare.prepare`, or None."""
+        value = self.metadata.get("prepare")
+        return json.loads(value) if isinstance(value, str) else value
+
     # ---- writing ----
 
     @classmethod
@@ -240,6 +310,7 @@ class TileDBStore(StoreReads):
         chunks: Iterable[sp.spmatrix | sp.sparray | np.ndarray], *, var: pd.DataFrame | None = None,
         source_names: Sequence[str] = (), count_dtype: str = "uint32", overwrite: bool = False,
         config: dict[str, str] | None = None, cell_tile: int = CELL_TILE,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> TileDBStore:  # fmt: skip
         """Stream row blocks of counts into a new store (one fragment, no consolidation) and return it opened.
 
@@ -258,6 +329,8 @@ class TileDBStore(StoreReads):
             ``"uint16"`` (smaller, faster; counts up to 65,535) or ``"uint32"``.
         overwrite, config, cell_tile
             Replace an existing store; extra TileDB config; rows per space tile of ``X``.
+        storage_options
+            Object-store options for ``s3://`` (see :class:`TileDBStore`).
         """
         tiledb = _tiledb()
         uri = str(uri) if "://" in str(uri) else os.path.abspath(uri)
@@ -268,9 +341,9 @@ class TileDBStore(StoreReads):
         n_obs, n_vars = int(obs.shape[0]), int(names_g.shape[0])
         if n_obs == 0 or n_vars == 0:
             raise InputError(f"{source}: nothing to write ({n_obs} cells x {n_vars} genes)")
-        cfg = tiledb_config(uri, config)
+        cfg = tiledb_config(uri, config, storage_options)
         ctx = tiledb.Ctx(tiledb.Config(cfg))
-        exists = tiledb.object_type(uri, ctx=ctx) is not None or (_is_local(uri) and os.path.exists(uri))
+        exists = _object_type(tiledb, uri, ctx, cfg) is not None or (_is_local(uri) and os.path.exists(uri))
         if exists and not overwrite:
             raise InputError(f"{uri} already exists; pass overwrite=True to replace it")
         if _is_local(uri):
@@ -307,13 +380,13 @@ class TileDBStore(StoreReads):
                 shutil.rmtree(work, ignore_errors=True)
             raise
         logger.info("wrote TileDB store %s (%d cells x %d genes, %d non-zeros)", uri, n_obs, n_vars, nnz)
-        return cls(uri, config)
+        return cls(uri, config, storage_options=storage_options)
 
     @classmethod
     def from_anndata(
         cls, adata: anndata.AnnData, uri: str | os.PathLike[str], chunk_rows: int = 65_536, *,
         layer: str | None = None, source: str = "<AnnData>", overwrite: bool = False,
-        config: dict[str, str] | None = None,
+        config: dict[str, str] | None = None, storage_options: Mapping[str, Any] | None = None,
     ) -> TileDBStore:  # fmt: skip
         """Write an AnnData's counts (``X`` or ``layers[layer]``), ``obs`` and ``var`` to a new store.
 
@@ -327,7 +400,7 @@ class TileDBStore(StoreReads):
         blocks = (x[s : s + chunk_rows] for s in range(0, x.shape[0], chunk_rows))
         return cls.create(
             uri, adata.var_names, adata.obs, blocks, var=adata.var, source_names=[source],
-            count_dtype=count_dtype, overwrite=overwrite, config=config,
+            count_dtype=count_dtype, overwrite=overwrite, config=config, storage_options=storage_options,
         )  # fmt: skip
 
 

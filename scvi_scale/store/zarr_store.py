@@ -28,7 +28,6 @@ import datetime as dt
 import os
 from collections.abc import Sequence
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +37,7 @@ import zarr
 
 from scvi_scale.store.errors import InputError
 from scvi_scale.store.memory import StoreReads, library_log_stats_from_totals
-from scvi_scale.store.open import resolve_location
+from scvi_scale.store.open import open_zarr_group, resolve_location
 
 __all__ = [
     "ENTRY_CHUNK",
@@ -110,8 +109,9 @@ class _Damaged:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or isinstance(exc, (InputError, KeyboardInterrupt, MemoryError, IndexError)):
-            return False
+        if exc is None or isinstance(exc, InputError) or not isinstance(exc, (ValueError, RuntimeError)):
+            return False  # only decoding failures (checksums, zstd frames, shard indices) mean damage; I/O errors,
+            # e.g. a dropped connection to object storage, pass through unchanged for the caller to retry
         raise InputError(
             f"{self.source}: cannot read {self.what} ({type(exc).__name__}: {str(exc)[:160]}); the store is damaged "
             "(a truncated or corrupted chunk file): restore it or rebuild it with `scvi-scale convert`"
@@ -261,7 +261,8 @@ class ZarrStore(StoreReads):
     path_or_url
         A ``.zarr`` directory, ``file://`` URL or object-store URL (``s3://bucket/atlas.zarr``).
     storage_options
-        fsspec options for URLs (override the ``AWS_*`` environment variables).
+        Object-store options for URLs (:func:`~scvi_scale.store.open.open_store`); they override the ``AWS_*``
+        environment variables.
 
     Raises
     ------
@@ -273,13 +274,7 @@ class ZarrStore(StoreReads):
     def __init__(self, path_or_url: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> None:
         self._url = os.fspath(path_or_url)
         self._storage_options = storage_options
-        location, self.source = resolve_location(self._url, storage_options, read_only=True)
-        if isinstance(location, str) and not Path(location).exists():
-            raise InputError(f"{self.source}: no such store; check the path or run `scvi-scale convert` first")
-        try:
-            self._root = zarr.open_group(location, mode="r")
-        except Exception as exc:  # any zarr/fsspec failure to open becomes one line
-            raise InputError(f"{self.source}: cannot open as a Zarr group ({type(exc).__name__}: {exc})") from exc
+        self._root, self.source = open_zarr_group(self._url, storage_options, mode="r")
         meta = self._root.attrs.get(_META)
         if not isinstance(meta, dict) or "X" not in self._root:
             raise InputError(
@@ -429,8 +424,7 @@ class ZarrStore(StoreReads):
         values = np.asarray(values)
         if values.ndim != 2 or values.shape[0] != stop - start or not 0 <= start <= stop <= self.n_obs:
             raise ValueError(f"values of shape {values.shape} do not fit rows [{start}, {stop}) of {self.n_obs}")
-        location, _ = resolve_location(self._url, self._storage_options, read_only=False)
-        root = zarr.open_group(location, mode="r+")
+        root, _ = open_zarr_group(self._url, self._storage_options, mode="r+")
         obsm = root["obsm"]
         if key not in obsm:
             arr = obsm.create_array(
@@ -446,3 +440,51 @@ class ZarrStore(StoreReads):
             if arr.shape != (self.n_obs, values.shape[1]):
                 raise ValueError(f"obsm/{key} has shape {arr.shape}, values have {values.shape[1]} columns")
         arr[start:stop] = values.astype(arr.dtype, copy=False)
+
+    # ---- prepare (scvi_scale.store.prepare): gene columns in var, results in the metadata ----
+
+    def _open_writable(self) -> zarr.Group:
+        location, _ = resolve_location(self._url, self._storage_options, read_only=False)
+        return zarr.open_group(location, mode="r+")
+
+    def read_var(self) -> pd.DataFrame:
+        """The ``var`` dataframe (gene names as index, with any columns ``prepare`` wrote), read now."""
+        import anndata
+
+        return anndata.io.read_elem(self._root["var"])
+
+    def write_var_columns(self, frame: pd.DataFrame, drop: Sequence[str] = ()) -> None:
+        """Add or replace ``var`` columns (``frame``'s index must be the gene names) and remove ``drop``.
+
+        Columns are arrays in the AnnData ``var`` group; ``column-order`` (what anndata reads) first forgets the
+        replaced columns and lists the new ones only once they are written, so ``var`` stays readable throughout.
+        """
+        if [str(v) for v in frame.index] != [str(v) for v in self.var_names]:
+            raise ValueError("frame's index must be the store's gene names, in order")
+        var = self._open_writable()["var"]
+        gone = {*map(str, frame.columns), *map(str, drop)}
+        kept = [c for c in var.attrs.get("column-order", []) if c not in gone]
+        var.attrs["column-order"] = kept
+        for name in gone & set(var.array_keys()):
+            del var[name]
+        for name in frame.columns:
+            write_elem(var, str(name), frame[name].to_numpy())
+        var.attrs["column-order"] = kept + [str(c) for c in frame.columns]
+
+    def update_metadata(self, key: str, value: Any) -> None:
+        """Set (or, with None, remove) one entry of the ``scvi_scale`` root metadata; JSON-able values only."""
+        root = self._open_writable()
+        meta = dict(root.attrs[_META])
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+        meta["updated"] = utc_now()
+        root.attrs[_META] = meta
+        location, _ = resolve_location(self._url, self._storage_options, read_only=True)
+        self._root = zarr.open_group(location, mode="r")  # so `metadata` shows the update
+
+    @property
+    def prepared(self) -> dict[str, Any] | None:
+        """The ``prepare`` entry recorded by :func:`scvi_scale.store.prepare.prepare`, or None."""
+        return self.metadata.get("prepare")

@@ -63,3 +63,35 @@ def test_convert_errors_are_one_line(tmp_path, small_atlas):
     assert bad.returncode == 2 and "donor" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     missing = cli("train", tmp_path / "nothing.zarr", "--out", tmp_path / "r", "--no-progress", check=False)
     assert missing.returncode == 2 and "nothing.zarr" in missing.stderr
+
+
+def test_convert_10x_inputs_to_tiledb(tmp_path):
+    pytest.importorskip("tiledb")
+    from scvi_scale.store.tiledb_store import TileDBStore
+    from tests.tenx import counts, write_10x_h5, write_mtx
+
+    ids, names = [f"ENSG{i}" for i in range(10)], [f"G{i}" for i in range(10)]
+    x_a, x_b = counts(80, 10, 0), counts(50, 6, 1)
+    write_mtx(tmp_path / "a", x_a, ids, names, [f"a{i}" for i in range(80)], shuffle=True)
+    write_10x_h5(tmp_path / "b.h5", x_b, ids[4:], names[4:], [f"b{i}" for i in range(50)])
+    out = tmp_path / "atlas.tdb"
+    done = cli("convert", tmp_path / "a", tmp_path / "b.h5", "--out", out, "--format", "tiledb", "--batch-per-file",
+               "--memory", "64K", "--no-progress")  # fmt: skip
+    assert "130 cells x 10 genes" in done.stdout
+    store = TileDBStore(out)
+    want = np.vstack([x_a, np.hstack([np.zeros((50, 4), x_b.dtype), x_b])])
+    np.testing.assert_array_equal(store.read_range(0, 130).toarray(), want)
+    assert store.obs["batch"].tolist() == ["a"] * 80 + ["b"] * 50
+
+
+def test_convert_10x_errors_exit_2(tmp_path):
+    from tests.tenx import counts, write_mtx
+
+    ids, names = [f"ENSG{i}" for i in range(6)], ["G0", "G1", "G2", "G1", "G4", "G5"]
+    write_mtx(tmp_path / "dup", counts(20, 6, 0), ids, names, [f"c{i}" for i in range(20)])
+    bad = cli("convert", tmp_path / "dup", "--out", tmp_path / "x.zarr", "--no-progress", check=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "features.tsv.gz" in bad.stderr and "pass --var-names gene_ids" in bad.stderr
+    (tmp_path / "dup" / "barcodes.tsv.gz").unlink()
+    gone = cli("convert", tmp_path / "dup", "--out", tmp_path / "y.zarr", "--no-progress", check=False)
+    assert gone.returncode == 2 and "no barcodes.tsv.gz or barcodes.tsv" in gone.stderr
