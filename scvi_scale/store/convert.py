@@ -310,10 +310,9 @@ def _to_tiledb(uri: str, opened: list[CountInput], frames: list, out_genes: np.n
             uri, out_genes, obs, _out_blocks(opened, out_genes, drop_empty, pb, [], provenance),
             source_names=[inp.source for inp in opened], count_dtype=dtype.name, overwrite=overwrite,
             storage_options=storage_options,
+            # read after the blocks are consumed, so the per-input rows are filled in; written before the commit flag
+            provenance_extra={**meta, "inputs": provenance},
         )  # fmt: skip
-    # TileDBStore.create records only the source names; add the gene space, batch key and per-input rows. This
-    # lands after its commit flag: a crash in between leaves a complete store without these extra fields.
-    store.update_metadata("provenance", {**store.metadata["provenance"], **meta, "inputs": provenance})
     return store
 
 

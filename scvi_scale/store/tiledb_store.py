@@ -310,7 +310,7 @@ class TileDBStore(StoreReads):
         chunks: Iterable[sp.spmatrix | sp.sparray | np.ndarray], *, var: pd.DataFrame | None = None,
         source_names: Sequence[str] = (), count_dtype: str = "uint32", overwrite: bool = False,
         config: dict[str, str] | None = None, cell_tile: int = CELL_TILE,
-        storage_options: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None, provenance_extra: Mapping[str, Any] | None = None,
     ) -> TileDBStore:  # fmt: skip
         """Stream row blocks of counts into a new store (one fragment, no consolidation) and return it opened.
 
@@ -331,6 +331,9 @@ class TileDBStore(StoreReads):
             Replace an existing store; extra TileDB config; rows per space tile of ``X``.
         storage_options
             Object-store options for ``s3://`` (see :class:`TileDBStore`).
+        provenance_extra
+            More provenance fields (gene space, batch key, per-input rows), read once all blocks are consumed
+            and written before the commit flag.
         """
         tiledb = _tiledb()
         uri = str(uri) if "://" in str(uri) else os.path.abspath(uri)
@@ -345,7 +348,7 @@ class TileDBStore(StoreReads):
         ctx = tiledb.Ctx(tiledb.Config(cfg))
         exists = _object_type(tiledb, uri, ctx, cfg) is not None or (_is_local(uri) and os.path.exists(uri))
         if exists and not overwrite:
-            raise InputError(f"{uri} already exists; pass overwrite=True to replace it")
+            raise InputError(f"{uri} already exists; pass overwrite=True (--overwrite) to replace it")
         if _is_local(uri):
             parent, name = os.path.split(uri)
             os.makedirs(parent, exist_ok=True)
@@ -363,7 +366,8 @@ class TileDBStore(StoreReads):
             _write_frame(tiledb, f"{work}/var", var_frame, ctx, "var", source)
             tiledb.Group.create(f"{work}/obsm", ctx=ctx)
             provenance = {"source_names": [str(s) for s in source_names], "tiledb_py": tiledb.__version__,
-                          "created": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+                          "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                          **(provenance_extra or {})}  # fmt: skip
             with tiledb.Group(work, "w", ctx=ctx) as group:
                 for member in ("X", "obs", "var", "obsm"):
                     group.add(member, name=member, relative=True)
