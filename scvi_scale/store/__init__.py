@@ -9,8 +9,9 @@ Public API
 - :func:`read_h5ad`: an ``.h5ad`` file as a :class:`MemoryStore`.
 - :class:`ZarrStore`: a Zarr v3 store in the AnnData on-disk layout (local path or URL).
 - :func:`open_store`: any store by path or URL (``.zarr``, ``.tiledb``, ``.h5ad``).
-- :mod:`scvi_scale.store.convert` (``convert``, ``append``): stream ``.h5ad`` files into a Zarr store with
-  bounded memory (not re-exported here: the function would shadow the module).
+- :mod:`scvi_scale.store.convert` (``convert``, ``append``): stream ``.h5ad``, AnnData ``.zarr``, 10x ``.h5`` and
+  10x ``matrix.mtx`` folders into a Zarr or TileDB store (local or URL) with bounded memory (not re-exported
+  here: the function would shadow the module).
 - ``TileDBStore`` lives in :mod:`scvi_scale.store.tiledb_store` (the ``tiledb`` extra).
 """
 
