@@ -1,4 +1,4 @@
-"""The Python API: train, resume, embed, evaluate, import/export scvi-tools. The CLI calls only this.
+"""The Python API: prepare, train, resume, embed, evaluate, import/export scvi-tools. The CLI calls only this.
 
 A run directory holds ``config.yaml`` (the resolved config), ``model.pt`` (weights, gene names, batch
 categories; readable with ``torch.load(weights_only=True)``), ``metrics.csv``, ``split.npz`` (train and
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from scvi_scale.config import Config, config_from_dict, with_overrides
@@ -22,8 +23,11 @@ from scvi_scale.data.memory import MemoryLoader, train_val_split
 from scvi_scale.infer.embed import latent_representation
 from scvi_scale.model import VAE, ModelConfig
 from scvi_scale.model.fused import compile_kernels
+from scvi_scale.prep.prepare import PrepareResult, prepared_library_priors, select_genes
+from scvi_scale.prep.prepare import prepare as prepare_store
 from scvi_scale.store.errors import InputError
 from scvi_scale.store.memory import MemoryStore
+from scvi_scale.store.subset import GeneSubset
 from scvi_scale.train.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, MODEL_FORMAT, atomic_save, safe_load
 from scvi_scale.train.loop import FitResult, evaluate_elbo, fit
 from scvi_scale.train.optim import max_epochs_heuristic
@@ -93,6 +97,34 @@ def open_counts(data: Any, layer: str | None = None, drop_empty_cells: bool = Fa
     raise InputError(f"cannot read counts from {type(data).__name__}; pass an .h5ad/.zarr/.tiledb path or an AnnData")
 
 
+def prepare(
+    data: Any, n_top_genes: int = 2000, batch_key: str | None = None, *, progress: bool = False, **options: Any
+) -> PrepareResult:
+    """Highly variable genes (scanpy's seurat_v3 on counts), gene statistics and library priors, out of core.
+
+    The results are recorded in the store (``var`` columns and a ``prepare`` metadata entry), and training on
+    it then uses the selected genes (``data.genes``, default ``"auto"``) and the recorded priors.
+
+    Parameters
+    ----------
+    data
+        A ``.zarr``/``.tiledb`` store (path, URL or opened), or an ``.h5ad``/AnnData (computed in memory, recorded
+        nowhere).
+    n_top_genes, batch_key
+        As in ``scanpy.pp.highly_variable_genes(flavor="seurat_v3")``.
+    progress
+        Show a progress bar per pass over the store.
+    options
+        ``span``, ``block_rows``, ``num_workers``, ``record`` of :func:`scvi_scale.prep.prepare.prepare`.
+
+    Examples
+    --------
+    >>> prepare("atlas.zarr", n_top_genes=2000, batch_key="batch")  # doctest: +SKIP
+    PrepareResult('atlas.zarr', 2000 HVGs of 36601 genes, seurat_v3, batch_key='batch' (12 batches), ...)
+    """
+    return prepare_store(open_counts(data), n_top_genes, batch_key, progress=progress, **options)
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out} already exists and is not empty; choose a new --out, or pass --overwrite")
@@ -122,6 +154,12 @@ def train(
     resume
         A checkpoint file or a run directory to continue from; the saved config is used.
 
+    Notes
+    -----
+    On a store prepared with :func:`prepare`, ``data.genes="auto"`` (the default) trains on its highly variable
+    genes, read through a :class:`~scvi_scale.store.subset.GeneSubset`, and takes the recorded library-size
+    priors when the batch key matches; ``"all"`` trains on every gene.
+
     Examples
     --------
     >>> run = train("atlas.h5ad", "runs/a", data={"batch_key": "batch"}, train={"max_epochs": 20})  # doctest: +SKIP
@@ -147,12 +185,18 @@ def train(
     dc, tc = config.data, config.train
     store = open_counts(source, dc.layer, dc.drop_empty_cells)
     codes, categories = store.batch_codes(dc.batch_key)
+    genes = dc.genes
+    if ckpt is not None and genes == "auto" and [str(v) for v in store.var_names] == saved["meta"]["var_names"]:
+        genes = "all"  # a run begun on all genes resumes on all genes, even if the store was prepared since
+    store, prepared = select_genes(store, genes)
     if ckpt is not None and [str(v) for v in store.var_names] != list(saved["meta"]["var_names"]):
         raise InputError(f"cannot resume {ckpt} on {store.source}: its genes differ from the checkpoint's")
     n_batch = len(categories)
     lib_means = lib_vars = None
     if not config.model.use_observed_lib_size:
-        lib_means, lib_vars = store.library_log_stats(codes, n_batch)
+        gene_set = "hvg" if isinstance(store, GeneSubset) else "all"
+        priors = prepared_library_priors(prepared, dc.batch_key, categories, gene_set)
+        lib_means, lib_vars = priors if priors is not None else store.library_log_stats(codes, n_batch)
     split_seed = tc.seed if dc.shuffle_seed is None else dc.shuffle_seed
     train_rows, val_rows = train_val_split(store.n_obs, dc.train_size, split_seed, dc.batch_size)
     max_epochs = tc.max_epochs or max_epochs_heuristic(store.n_obs)
@@ -246,10 +290,19 @@ def load_run(run_dir: str | Path) -> Run:
     )
 
 
-def _aligned_loader(run: Run, data: Any, batch_size: int) -> tuple[MemoryStore, MemoryLoader]:
-    """Open ``data`` for a trained run: same genes in the same order, batches mapped to the run's codes."""
+def _aligned_loader(run: Run, data: Any, batch_size: int) -> tuple[Any, MemoryLoader]:
+    """Open ``data`` for a trained run: same genes in the same order, batches mapped to the run's codes.
+
+    A store with more genes than the run (e.g. the full prepared store of a run on its HVGs) is read through a
+    :class:`GeneSubset` of the run's genes, chosen by name, when it has all of them.
+    """
     store = open_counts(data, run.layer)
     names = [str(v) for v in store.var_names]
+    if names != run.var_names and len(names) > len(run.var_names):
+        column = {name: j for j, name in enumerate(names)}
+        if all(g in column for g in run.var_names):
+            store = GeneSubset(store, [column[g] for g in run.var_names])
+            names = list(run.var_names)
     if names != run.var_names:
         if len(names) != len(run.var_names):
             raise InputError(
@@ -267,6 +320,8 @@ def _aligned_loader(run: Run, data: Any, batch_size: int) -> tuple[MemoryStore, 
 
 def _counts_for_loader(store: Any) -> Any:
     """The in-memory CSR when the store holds one (fast slicing), else the store itself (read per minibatch)."""
+    if isinstance(store, GeneSubset) and isinstance(store.store, MemoryStore):
+        return store.store.X[:, store.gene_idx]
     return store.X if isinstance(store, MemoryStore) else store
 
 
@@ -283,7 +338,8 @@ def embed(run: Run | str | Path, data: Any, out: str | Path | None = None, batch
     store, loader = _aligned_loader(run, data, batch_size)
     mean, var, _ = latent_representation(run.model, loader)
     # counts are copied along only from in-memory data; from a store the output holds obs, var and obsm
-    counts = store.X if isinstance(store, MemoryStore) else None
+    counts = _counts_for_loader(store)
+    counts = counts if sp.issparse(counts) else None
     adata = anndata.AnnData(X=counts, obs=store.obs.copy(), var=pd.DataFrame(index=pd.Index(run.var_names)))
     adata.obsm["X_scvi"] = mean.astype(np.float32)
     adata.obsm["X_scvi_var"] = var.astype(np.float32)

@@ -52,25 +52,40 @@ def _parse_bytes(text: str) -> int:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
+    kinds = ".h5ad files, AnnData .zarr stores, 10x .h5 files or 10x matrix.mtx folders"
     for name, what in (
-        ("convert", "stream .h5ad files into a new Zarr count store"),
-        ("append", "append .h5ad files to an existing Zarr store (existing rows keep their place)"),
+        ("convert", f"stream {kinds} into a new Zarr or TileDB count store"),
+        ("append", f"append {kinds} to an existing Zarr store (existing rows keep their place)"),
     ):
         p = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + "; memory stays bounded.")
-        p.add_argument("inputs", nargs="+", help=".h5ad files, stacked in the order given")
+        p.add_argument("inputs", nargs="+", help=f"{kinds} (kinds may be mixed), stacked in the order given")
         p.add_argument(
             "--out" if name == "convert" else "--store",
             required=True,
             dest="out",
-            help="the Zarr store (a directory, e.g. atlas.zarr)",
+            help="the store: a local path (atlas.zarr, atlas.tiledb) or a URL (s3://bucket/atlas.zarr)"
+            if name == "convert"
+            else "the Zarr store (a directory, e.g. atlas.zarr)",
         )
         group = p.add_mutually_exclusive_group()
         group.add_argument("--batch-key", help="obs column every input must have (the batch)")
-        group.add_argument("--batch-per-file", action="store_true", help="each file is its own batch (column 'batch')")
-        p.add_argument("--layer", help="layer holding the raw counts (default: X)")
+        group.add_argument("--batch-per-file", action="store_true", help="each input is its own batch (column 'batch')")
+        p.add_argument("--layer", help="AnnData inputs: layer holding the raw counts (default: X)")
+        p.add_argument(
+            "--var-names",
+            choices=["gene_symbols", "gene_ids"],
+            default="gene_symbols",
+            help="10x inputs: name genes by symbol (default) or by their unique ID",
+        )
         if name == "convert":
             p.add_argument(
                 "--genes", default="union", help="union (default), intersection, or a text file with one gene per line"
+            )
+            p.add_argument(
+                "--format",
+                choices=["zarr", "tiledb"],
+                dest="store_format",
+                help="store format (default: tiledb for an --out ending in .tiledb, else zarr)",
             )
             p.add_argument("--overwrite", action="store_true", help="replace an existing store")
         p.add_argument("--memory", type=_parse_bytes, default="1G", help="memory budget for row blocks (default 1G)")
@@ -88,12 +103,62 @@ def _convert(args: argparse.Namespace) -> int:
         memory_budget_bytes=args.memory,
         progress=not args.no_progress,
         drop_empty_cells=args.drop_empty_cells,
+        var_names=args.var_names,
     )
     if args.command == "convert":
-        store = convert(args.inputs, args.out, genes=args.genes, overwrite=args.overwrite, **common)
+        store = convert(
+            args.inputs, args.out, genes=args.genes, overwrite=args.overwrite, store_format=args.store_format, **common
+        )
     else:
         store = append(args.out, args.inputs, **common)
     print(f"{store.source}: {store.n_obs} cells x {store.n_vars} genes")
+    return 0
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="select highly variable genes and library priors out of core; record them in the store",
+        description="Compute per-gene statistics, highly variable genes (scanpy's seurat_v3 on counts, per batch "
+        "with --batch-key) and per-batch library-size priors in passes over row blocks, and record them in the "
+        "store: var columns (highly_variable, highly_variable_rank, means, variances, variances_norm) and a "
+        "'prepare' metadata entry. `scvi-scale train` then trains on those genes (data.genes=auto).",
+    )
+    p.add_argument("store", help="a .zarr or .tiledb count store (path or URL)")
+    p.add_argument("--n-top-genes", type=int, default=2000, help="genes to select (default 2000)")
+    p.add_argument("--batch-key", help="obs column of the batch: genes ranked per batch, priors per batch")
+    p.add_argument("--span", type=float, default=0.3, help="loess span of the mean-variance trend (default 0.3)")
+    p.add_argument("--block-rows", type=int, default=16_384, help="rows read per task (default 16384)")
+    p.add_argument("--workers", type=int, default=2, help="threads (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from scvi_scale import api
+    from scvi_scale.store.errors import InputError
+    from scvi_scale.store.memory import MemoryStore
+
+    store = api.open_counts(args.store)
+    if isinstance(store, MemoryStore):
+        raise InputError(
+            f"{args.store}: prepare records its results in a count store; convert the file first: "
+            f"scvi-scale convert {args.store} --out STORE.zarr"
+        )
+    result = api.prepare(
+        store,
+        args.n_top_genes,
+        args.batch_key,
+        span=args.span,
+        block_rows=args.block_rows,
+        num_workers=args.workers,
+        progress=not args.no_progress,
+    )
+    batches = result.batch_categories
+    by = f"ranked in {len(batches)} batches of '{args.batch_key}'" if args.batch_key else "one batch"
+    print(f"{result.source}: {result.hvg_index.size} highly variable genes of {result.var.shape[0]} (seurat_v3, {by})")
+    shown = ", ".join(batches[:8]) + (" ..." if len(batches) > 8 else "")
+    print(f"library-size priors for {len(batches)} batch{'es' if len(batches) != 1 else ''}: {shown}")
+    print(f"recorded in {result.recorded_in}: var columns {', '.join(result.var.columns)}; metadata 'prepare'")
     return 0
 
 
@@ -122,6 +187,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_train(sub)
     _add_convert(sub)
+    _add_prepare(sub)
     p = sub.add_parser(
         "embed",
         help="write the latent embedding obsm['X_scvi'] for every cell",
@@ -217,6 +283,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _train(args)
     if args.command in ("convert", "append"):
         return _convert(args)
+    if args.command == "prepare":
+        return _prepare(args)
     if args.command == "demo":
         from scvi_scale.demo import run_demo
 

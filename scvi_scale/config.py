@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -32,6 +32,9 @@ class DataConfig:
     batch_size: int = 128
     train_size: float = 0.9
     shuffle_seed: int | None = None  # the split's seed; None: the run's seed
+    # which genes to train on: "auto" the highly variable genes a `scvi-scale prepare` recorded in the store
+    # (all genes when it has none), "hvg" those and an error without them, "all" every gene
+    genes: Literal["auto", "all", "hvg"] = "auto"
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:

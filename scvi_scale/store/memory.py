@@ -373,3 +373,31 @@ class MemoryStore(StoreReads):
         if not 0 <= start <= stop <= self.n_obs:
             raise IndexError(f"row range [{start}, {stop}) outside [0, {self.n_obs})")
         return self.X[start:stop]
+
+    # ---- prepare (scvi_scale.prep.prepare): results held with the object, written nowhere ----
+
+    def read_var(self) -> pd.DataFrame:
+        """Gene names as index, with any columns ``prepare`` added."""
+        var = self.__dict__.get("_var")
+        return pd.DataFrame(index=pd.Index(self.var_names)) if var is None else var.copy()
+
+    def write_var_columns(self, frame: pd.DataFrame, drop: Sequence[str] = ()) -> None:
+        """Add or replace gene columns (``frame``'s index must be the gene names) and remove ``drop``."""
+        if [str(v) for v in frame.index] != [str(v) for v in self.var_names]:
+            raise ValueError("frame's index must be the store's gene names, in order")
+        var = self.read_var()
+        var = var.drop(columns=[c for c in var.columns if c in {*frame.columns, *drop}])
+        self._var = pd.concat([var, frame.set_axis(var.index)], axis=1)
+
+    def update_metadata(self, key: str, value: object) -> None:
+        """Set (or, with None, remove) one metadata entry."""
+        meta = self.__dict__.setdefault("_metadata", {})
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+
+    @property
+    def prepared(self) -> dict | None:
+        """The ``prepare`` entry recorded by :func:`scvi_scale.prep.prepare.prepare`, or None."""
+        return self.__dict__.get("_metadata", {}).get("prepare")
