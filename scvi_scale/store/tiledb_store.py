@@ -253,7 +253,7 @@ class TileDBStore(StoreReads):
         with _tiledb().open(f"{self.uri}/obsm/{key}", ctx=self._ctx) as arr:
             return arr[start:stop, :]["value"]
 
-    # ---- prepare (scvi_scale.store.prepare): gene columns in var, results in the group metadata ----
+    # ---- prepare (scvi_scale.prep.prepare): gene columns in var, results in the group metadata ----
 
     def read_var(self) -> pd.DataFrame:
         """The ``var`` frame (gene names as index, with any columns ``prepare`` wrote)."""
@@ -298,7 +298,7 @@ class TileDBStore(StoreReads):
 
     @property
     def prepared(self) -> dict[str, Any] | None:
-        """The ``prepare`` entry recorded by :func:`scvi_scale.store.prepare.prepare`, or None."""
+        """The ``prepare`` entry recorded by :func:`scvi_scale.prep.prepare.prepare`, or None."""
         value = self.metadata.get("prepare")
         return json.loads(value) if isinstance(value, str) else value
 

@@ -441,7 +441,7 @@ class ZarrStore(StoreReads):
                 raise ValueError(f"obsm/{key} has shape {arr.shape}, values have {values.shape[1]} columns")
         arr[start:stop] = values.astype(arr.dtype, copy=False)
 
-    # ---- prepare (scvi_scale.store.prepare): gene columns in var, results in the metadata ----
+    # ---- prepare (scvi_scale.prep.prepare): gene columns in var, results in the metadata ----
 
     def _open_writable(self) -> zarr.Group:
         location, _ = resolve_location(self._url, self._storage_options, read_only=False)
@@ -486,5 +486,5 @@ class ZarrStore(StoreReads):
 
     @property
     def prepared(self) -> dict[str, Any] | None:
-        """The ``prepare`` entry recorded by :func:`scvi_scale.store.prepare.prepare`, or None."""
+        """The ``prepare`` entry recorded by :func:`scvi_scale.prep.prepare.prepare`, or None."""
         return self.metadata.get("prepare")
