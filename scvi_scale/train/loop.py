@@ -189,6 +189,11 @@ def fit(
         )
 
     steps_per_epoch = len(train_loader)
+    timings = getattr(train_loader, "timings", None)  # per-stage seconds, from loaders that keep them
+
+    def loader_timings() -> dict[str, float] | None:
+        return dict(timings()) if timings is not None else None
+
     bar = _progress(cfg.progress, total=max_epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch)
     result = FitResult(epochs=start_epoch, global_step=global_step, history=metrics.rows)
     epoch = start_epoch
@@ -207,12 +212,15 @@ def fit(
             warmup = (cfg.n_epochs_kl_warmup, cfg.n_steps_kl_warmup, cfg.min_kl_weight, cfg.max_kl_weight)
             w = kl_weight(epoch, global_step, *warmup)  # also defined when a resumed epoch has no batches left
             t_epoch = time.perf_counter()
-            data_s = step_s = 0.0
+            data_s = step_s = to_s = 0.0
             cells = 0
+            stages_before = loader_timings()
             t0 = time.perf_counter()
             for batch in train_loader:
+                t_to = time.perf_counter()
                 batch = batch.to(device, non_blocking=True)
                 t1 = time.perf_counter()
+                to_s += t1 - t_to
                 w = kl_weight(epoch, global_step, *warmup)
                 terms = model(batch.x_ng, batch.batch_n, w, batch.nonzero)
                 optimizer.zero_grad(set_to_none=True)
@@ -255,6 +263,8 @@ def fit(
                     "perf/data_s": data_s,
                 }
             )
+            if stages_before is not None:
+                row.update(_stage_times(stages_before, loader_timings(), data_s, to_s))
             metrics.log(row)
             if on_epoch_end is not None:
                 on_epoch_end(row)
@@ -278,6 +288,19 @@ def fit(
         bar.close()
         metrics.close()
     return result
+
+
+def _stage_times(before: dict[str, float], after: dict[str, float], data_s: float, to_s: float) -> dict[str, float]:
+    """One epoch's loader stages: read/decode/assemble (background threads, summed over them), host-to-device
+    (the loader's device staging plus ``Batch.to``) and idle (the loop waiting for the next minibatch)."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("read_s", "decode_s", "assemble_s", "h2d_s")}
+    return {
+        "perf/read_s": delta["read_s"],
+        "perf/decode_s": delta["decode_s"],
+        "perf/assemble_s": delta["assemble_s"],
+        "perf/h2d_s": delta["h2d_s"] + to_s,
+        "perf/idle_s": max(data_s - to_s - delta["h2d_s"], 0.0),
+    }
 
 
 class _progress:

@@ -26,6 +26,11 @@ COLUMNS = [
     "perf/epoch_s",
     "perf/step_s",
     "perf/data_s",
+    "perf/idle_s",
+    "perf/read_s",
+    "perf/decode_s",
+    "perf/assemble_s",
+    "perf/h2d_s",
 ]
 
 

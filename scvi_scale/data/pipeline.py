@@ -1,0 +1,307 @@
+"""The threads behind :class:`~scvi_scale.data.prefetch.StoreLoader`: reader pool, assembler, byte budget.
+
+One :class:`Pipeline` serves one pass over a sampler plan. Reader threads read pieces (a buffer's cells) as
+row ranges through ``store.read_range``, one task per thread and piece; one assembler thread waits for the
+pieces in plan order, stacks their CSR, cuts minibatches in plan order and puts them in a bounded queue the
+consumer takes from. Bytes in flight (pieces being read or held, minibatches queued) are reserved in a
+:class:`Budget` before the work that allocates them (see :mod:`scvi_scale.data.prefetch` for the rule).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+
+from scvi_scale.data.memory import _canonical_csr
+from scvi_scale.data.sampler import Piece
+
+MAX_GAP_ROWS = 32  # rows of the other split within this distance are read and dropped rather than skipped
+QUEUE_BATCHES = 4  # assembled minibatches waiting for the consumer (also bounded by the memory budget)
+_POLL_S = 0.05  # how often blocked threads look at the stop flag
+
+
+class RangeReader(Protocol):
+    """What the loader needs from a count store (``MemoryStore``, ``ZarrStore``, ``TileDBStore``, S3 stores)."""
+
+    n_obs: int
+    n_vars: int
+
+    def read_range(self, start: int, stop: int) -> sp.csr_matrix: ...
+
+
+class Owner(Protocol):
+    """What a pipeline needs from its loader: where to read, its limits, and how to size and build minibatches."""
+
+    store: RangeReader
+    source: str
+    num_threads: int
+    memory_budget_bytes: int
+    batch_size: int
+    nnz_per_row: float | None  # the store's mean, when known without reading
+    times: dict[str, float]
+
+    def piece_bytes(self, rows: np.ndarray, nnz_per_row: float | None) -> int | None: ...
+    def batch_bytes(self, n: int, nnz: int) -> int: ...
+    def assemble(self, rows_n: np.ndarray, parts: list[sp.csr_matrix], nbytes: int) -> Any: ...
+
+
+class StoreReadError(RuntimeError):
+    """A reader thread failed; the message names the store and the rows."""
+
+
+@dataclass
+class _Part:
+    """What one read task returns: CSR blocks of consecutive sorted rows, and its seconds."""
+
+    blocks: list[sp.csr_matrix]
+    read_s: float
+    decode_s: float
+
+
+def _read_spans(
+    store: RangeReader, source: str, srt: np.ndarray, spans: list[tuple[int, int]], stop: threading.Event
+) -> _Part:
+    """Rows ``srt[i:j]`` for each span: one ``read_range`` over the span's row numbers, then the rows asked for.
+    Returns early (with a partial result nobody reads) once ``stop`` is set."""
+    blocks, read_s, decode_s = [], 0.0, 0.0
+    for i, j in spans:
+        if stop.is_set():
+            break
+        lo, hi = int(srt[i]), int(srt[j - 1]) + 1
+        t0 = time.perf_counter()
+        try:
+            m = store.read_range(lo, hi)
+        except Exception as exc:
+            raise StoreReadError(f"{source}: reading rows [{lo}, {hi}) failed ({type(exc).__name__}: {exc})") from exc
+        t1 = time.perf_counter()
+        if j - i != hi - lo:  # the range spans rows of the other split: keep ours
+            m = m[srt[i:j] - lo]
+        blocks.append(m)
+        read_s += t1 - t0
+        decode_s += time.perf_counter() - t1
+    return _Part(blocks, read_s, decode_s)
+
+
+def _split_spans(srt: np.ndarray, n_tasks: int) -> list[list[tuple[int, int]]]:
+    """Row ranges of a piece (merged across gaps of up to ``MAX_GAP_ROWS``), dealt into ``n_tasks`` contiguous
+    groups of about equal rows, so the threads share one piece and the first minibatch comes sooner."""
+    cut = np.flatnonzero(np.diff(srt) > MAX_GAP_ROWS + 1) + 1
+    spans = list(zip(np.r_[0, cut].tolist(), np.r_[cut, srt.size].tolist(), strict=True))
+    n_tasks = max(1, min(n_tasks, len(spans)))
+    ends = np.array([j for _, j in spans])
+    bounds = np.searchsorted(ends, np.linspace(0, srt.size, n_tasks + 1)[1:-1], side="left") + 1
+    groups = np.split(np.arange(len(spans)), np.unique(np.clip(bounds, 1, len(spans))))
+    return [[spans[k] for k in g] for g in groups if g.size]
+
+
+@dataclass
+class _Pending:
+    """A piece being read: its rows (visiting order and sorted), read tasks, and the bytes reserved for it."""
+
+    rows: np.ndarray
+    sorted_rows: np.ndarray
+    tasks: list[Future]
+    reserved: int
+
+
+@dataclass
+class _Loaded:
+    """A piece in memory: its rows in visiting order and the CSR of its rows in sorted order."""
+
+    rows: np.ndarray
+    sorted_rows: np.ndarray
+    x: sp.csr_matrix
+    nbytes: int
+
+
+def csr_bytes(nnz: int, n_rows: int) -> int:
+    return 8 * nnz + 16 * n_rows  # float32 values + int32 indices; int64 indptr + the row numbers
+
+
+class Budget:
+    """Bytes in flight, with blocking reservations and a recorded peak."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = int(limit)
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    def try_acquire(self, n: int, headroom: int = 0) -> bool:
+        with self._cond:
+            if self.used + n + headroom > self.limit:
+                return False
+            self._take(n)
+            return True
+
+    def acquire(self, n: int, stop: threading.Event, force: Callable[[], bool]) -> bool:
+        """Wait until ``n`` bytes fit, or ``force()`` says waiting cannot free any; False when stopped."""
+        with self._cond:
+            while self.used + n > self.limit and not force():
+                if stop.is_set():
+                    return False
+                self._cond.wait(_POLL_S)
+            self._take(n)
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self._take(-n)
+            self._cond.notify_all()
+
+    def _take(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+
+class Pipeline:
+    """Reader pool, one assembler thread and a bounded queue to the consumer, for one pass over a plan."""
+
+    def __init__(self, loader: Owner, rows: np.ndarray, pieces: list[Piece], batch_sizes: list[int]) -> None:
+        self.loader = loader
+        self.rows = rows
+        self.pieces = pieces
+        self.batch_sizes = batch_sizes
+        self.budget = Budget(loader.memory_budget_bytes)
+        self.out: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(loader.num_threads, thread_name_prefix="scvi-scale-read")
+        self.thread = threading.Thread(target=self._run, name="scvi-scale-assemble", daemon=True)
+        self.thread.start()
+
+    # consumer side
+    def get(self) -> Any:
+        while True:
+            try:
+                kind, item = self.out.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self.thread.is_alive() and self.out.empty():
+                    raise RuntimeError("the loader's assembler thread ended early") from None
+                continue
+            if kind == "error":
+                raise item
+            self.budget.release(item.nbytes)
+            return item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.thread.join()
+
+    # assembler thread
+    def _put(self, item: tuple[str, Any]) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            self._assemble_all()
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._put(("error", exc))
+
+    def _assemble_all(self) -> None:
+        loader, times, rows = self.loader, self.loader.times, self.rows
+        pending: deque[_Pending] = deque()  # pieces submitted, in plan order
+        loaded: deque[tuple[int, _Loaded]] = deque()  # (stream offset of the piece, piece)
+        seen = [0, 0]  # counts and rows read so far (estimates for stores without row pointers)
+        next_piece = 0  # the next piece to submit
+        covered = 0  # stream offset up to which pieces are loaded
+        pos = 0  # stream offset of the next minibatch
+        # kept free when reading ahead, for one minibatch: the biggest so far, at first one of average density
+        headroom = loader.batch_bytes(loader.batch_size, math.ceil((loader.nnz_per_row or 0.0) * loader.batch_size))
+
+        def held() -> int:  # bytes only this thread frees: waiting for the consumer cannot free them
+            return sum(p.nbytes for _, p in loaded) + sum(p.reserved for p in pending)
+
+        def submit(piece_rows: np.ndarray, reserved: int) -> None:
+            nonlocal next_piece
+            srt = np.sort(piece_rows)
+            tasks = [
+                self.pool.submit(_read_spans, loader.store, loader.source, srt, spans, self.stop)
+                for spans in _split_spans(srt, loader.num_threads)
+            ]
+            pending.append(_Pending(piece_rows, srt, tasks, reserved))
+            next_piece += 1
+
+        def estimate(piece_rows: np.ndarray) -> int | None:
+            return loader.piece_bytes(piece_rows, seen[0] / seen[1] if seen[1] else None)
+
+        def read_ahead() -> None:
+            room = max(
+                headroom,
+                loader.batch_bytes(loader.batch_size, math.ceil(seen[0] / max(seen[1], 1) * loader.batch_size)),
+            )
+            while next_piece < len(self.pieces) and len(pending) <= loader.num_threads:
+                piece_rows = rows[self.pieces[next_piece].positions()]
+                est = estimate(piece_rows)
+                if est is None or not self.budget.try_acquire(est, room):
+                    return
+                submit(piece_rows, est)
+
+        def force() -> bool:
+            return self.budget.used <= held()
+
+        for size in self.batch_sizes:
+            end = pos + size
+            while covered < end:  # load pieces until this minibatch is covered
+                if not pending:  # nothing read ahead: the next piece is needed now; wait for room
+                    piece_rows = rows[self.pieces[next_piece].positions()]
+                    est = estimate(piece_rows) or 0
+                    if not self.budget.acquire(est, self.stop, force):
+                        return
+                    submit(piece_rows, est)
+                read_ahead()
+                head = pending[0]
+                while not all(t.done() for t in head.tasks):
+                    if self.stop.is_set():
+                        return
+                    wait_futures(head.tasks, timeout=_POLL_S)
+                results = [t.result() for t in head.tasks]
+                pending.popleft()
+                t0 = time.perf_counter()
+                blocks = [b for r in results for b in r.blocks]
+                x = _canonical_csr(blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr"))
+                piece = _Loaded(head.rows, head.sorted_rows, x, csr_bytes(x.nnz, head.rows.size))
+                self.budget.release(head.reserved - piece.nbytes)  # exact when the store has row pointers
+                times["read_s"] += sum(r.read_s for r in results)
+                times["decode_s"] += sum(r.decode_s for r in results) + time.perf_counter() - t0
+                seen[0], seen[1] = seen[0] + x.nnz, seen[1] + head.rows.size
+                loaded.append((covered, piece))
+                covered += head.rows.size
+            t0 = time.perf_counter()
+            parts, rows_n = [], []
+            for start, piece in loaded:
+                a, b = max(pos - start, 0), min(end - start, piece.rows.size)
+                if a < b:
+                    parts.append(piece.x[np.searchsorted(piece.sorted_rows, piece.rows[a:b])])
+                    rows_n.append(piece.rows[a:b])
+            nbytes = loader.batch_bytes(size, sum(p.nnz for p in parts))
+            headroom = max(headroom, nbytes)
+            t1 = time.perf_counter()
+            if not self.budget.acquire(nbytes, self.stop, force):
+                return
+            t2 = time.perf_counter()
+            hb = loader.assemble(rows_n[0] if len(rows_n) == 1 else np.concatenate(rows_n), parts, nbytes)
+            times["assemble_s"] += time.perf_counter() - t2 + (t1 - t0)
+            pos = end
+            while loaded and loaded[0][0] + loaded[0][1].rows.size <= pos:  # pieces fully handed out
+                self.budget.release(loaded.popleft()[1].nbytes)
+            read_ahead()
+            if not self._put(("batch", hb)):
+                return
