@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import torch
 
 from scvi_scale.config import Config, config_from_dict, with_overrides
 from scvi_scale.data.memory import MemoryLoader, train_val_split
+from scvi_scale.dist import DistContext
 from scvi_scale.infer.embed import latent_representation
 from scvi_scale.model import VAE, ModelConfig
 from scvi_scale.model.fused import compile_kernels
@@ -146,13 +149,16 @@ def train(
     Parameters
     ----------
     source
-        An ``.h5ad`` path (raw counts in ``X`` or ``config.data.layer``), an AnnData or a MemoryStore.
+        An ``.h5ad`` path (raw counts in ``X`` or ``config.data.layer``), a ``.zarr``/``.tiledb`` store path or
+        URL, an AnnData or a store object.
     out
-        Run directory to create (None: train in memory only).
+        Run directory to create (None: train in memory only; multi-worker runs need one).
     config
         The config tree; keyword sections override it, e.g. ``train={"max_epochs": 20}``.
     resume
         A checkpoint file or a run directory to continue from; the saved config is used.
+    device
+        ``"cpu"`` or ``"cuda"``; default CPU.
 
     Notes
     -----
@@ -160,25 +166,170 @@ def train(
     genes, read through a :class:`~scvi_scale.store.subset.GeneSubset`, and takes the recorded library-size
     priors when the batch key matches; ``"all"`` trains on every gene.
 
+    On-disk stores are read by the block-shuffling prefetching loader
+    (:class:`~scvi_scale.data.prefetch.StoreLoader`); counts in memory by random minibatches
+    (``data.loader`` chooses). ``train.workers`` > 1 trains data-parallel on that many processes
+    (``train.launcher``: ``local`` spawns them here, ``ray`` runs them as a Ray Train job); under ``torchrun``
+    every rank calls this function and the environment says which rank it is.
+
     Examples
     --------
     >>> run = train("atlas.h5ad", "runs/a", data={"batch_key": "batch"}, train={"max_epochs": 20})  # doctest: +SKIP
+    >>> run = train("s3://bucket/atlas.zarr", "runs/b", train={"workers": 2, "launcher": "ray"})  # doctest: +SKIP
     """
-    ckpt = None
-    if resume is not None:
-        ckpt = Path(resume) / "checkpoints" / "last.pt" if Path(resume).is_dir() else Path(resume)
-        try:
-            saved = safe_load(ckpt, CHECKPOINT_FORMAT)
-        except (FileNotFoundError, ValueError) as err:
-            raise InputError(f"cannot resume: {err}; pass a run directory or its checkpoints/last.pt") from None
-        config = config_from_dict(saved["config"])
-        if sections.get("train", {}).get("max_epochs"):
-            config = dataclasses.replace(
-                config, train=dataclasses.replace(config.train, max_epochs=int(sections["train"]["max_epochs"]))
-            )
-        out = Path(out) if out is not None else ckpt.parent.parent
-    else:
-        config = with_overrides(config, **sections)
+    config, ckpt, out = _resolve_run_config(config, resume, out, sections)
+    tc = config.train
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank (or a worker our launchers started)
+        return _train_ranked(source, out, config, ckpt, overwrite, device)
+    if tc.launcher == "torchrun":
+        raise InputError(
+            "train.launcher=torchrun: start the ranks with `torchrun --nproc_per_node N -m scvi_scale train ...`"
+        )
+    if tc.workers > 1 or tc.launcher == "ray":
+        return _launch_workers(source, out, config, ckpt, overwrite, device)
+    return _train_process(DistContext.single(device or "cpu"), source, out, config, ckpt, overwrite)
+
+
+def _resolve_run_config(
+    config: Config | None, resume: str | Path | None, out: str | Path | None, sections: dict[str, Any]
+) -> tuple[Config, Path | None, Path | None]:
+    """The config to train with (a resumed run's own, with a new ``max_epochs`` allowed), the checkpoint, out."""
+    if resume is None:
+        return with_overrides(config, **sections), None, Path(out) if out is not None else None
+    ckpt = Path(resume) / "checkpoints" / "last.pt" if Path(resume).is_dir() else Path(resume)
+    try:
+        saved = safe_load(ckpt, CHECKPOINT_FORMAT)
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(f"cannot resume: {err}; pass a run directory or its checkpoints/last.pt") from None
+    config = config_from_dict(saved["config"])
+    train_over = {k: v for k, v in sections.get("train", {}).items() if k in _RESUME_OVERRIDES and v is not None}
+    if train_over:  # a resumed run may train longer, or on another number of workers
+        tree = config.to_dict()
+        tree["train"].update(train_over)
+        config = config_from_dict(tree)
+    return config, ckpt, Path(out) if out is not None else ckpt.parent.parent
+
+
+_RESUME_OVERRIDES = ("max_epochs", "workers", "launcher", "gpus_per_worker", "address", "storage_path", "progress")
+
+
+def _launch_workers(
+    source: Any, out: Path | None, config: Config, ckpt: Path | None, overwrite: bool, device: str | None
+) -> Run:
+    """Start ``train.workers`` processes (local spawn or Ray) that each run :func:`_train_worker`."""
+    from scvi_scale.dist.launch import launch
+
+    tc = config.train
+    if not isinstance(source, (str, Path)):
+        raise InputError(
+            "multi-worker training opens the counts in every worker: pass a path or URL, not an in-memory object"
+        )
+    if out is None:
+        raise InputError("multi-worker training needs a run directory (out)")
+    if ckpt is None:
+        _prepare_out(out, overwrite)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a restarted worker group resumes only from ours
+    payload = {
+        "source": str(source),
+        "out": str(out),
+        "config": config.to_dict(),
+        "resume": str(ckpt) if ckpt is not None else None,
+        "device": device,
+        "ray": tc.launcher == "ray",
+    }
+    launch(
+        tc.launcher,
+        tc.workers,
+        _train_worker,
+        payload,
+        gpus_per_worker=tc.gpus_per_worker,
+        address=tc.address,
+        storage_path=tc.storage_path,
+        max_failures=tc.max_failures,
+        name=out.name,
+    )
+    return load_run(out)
+
+
+def _train_worker(payload: dict[str, Any]) -> None:
+    """One rank of a launched job. After a restart (Ray), it resumes from the run's last checkpoint."""
+    out = Path(payload["out"])
+    last = out / "checkpoints" / "last.pt"
+    ckpt = last if last.exists() else Path(payload["resume"]) if payload["resume"] else None
+    if ckpt is None and payload["ray"]:
+        from scvi_scale.dist.ray_hooks import restored_checkpoint
+
+        ckpt = restored_checkpoint(out)  # a checkpoint Ray kept in its storage (another node's disk, S3)
+    ctx = DistContext.from_env(payload["device"])
+    try:
+        _train_process(ctx, payload["source"], out, config_from_dict(payload["config"]), ckpt, True, launched=True)
+    finally:
+        ctx.shutdown()
+
+
+def _train_ranked(
+    source: Any, out: Path | None, config: Config, ckpt: Path | None, overwrite: bool, device: str | None
+) -> Run:
+    """A torchrun rank: join the process group, rank 0 prepares the run directory, all train."""
+    ctx = DistContext.from_env(device)
+    try:
+        error = None
+        if ctx.is_main and ckpt is None and out is not None:
+            try:
+                _prepare_out(out, overwrite)
+            except InputError as err:
+                error = str(err)
+        error = ctx.broadcast_object(error)
+        if error is not None:
+            raise InputError(error)
+        return _train_process(ctx, source, out, config, ckpt, overwrite, launched=True)
+    finally:
+        ctx.shutdown()
+
+
+def _make_loaders(store: Any, codes: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray, config: Config,
+                  ctx: DistContext) -> tuple[Any, Any]:  # fmt: skip
+    """Random in-memory minibatches, or the block-shuffling prefetching loader (each rank its share)."""
+    dc, tc = config.data, config.train
+    in_memory = isinstance(store, MemoryStore) or (
+        isinstance(store, GeneSubset) and isinstance(store.store, MemoryStore)
+    )
+    if dc.loader == "memory" or (dc.loader == "auto" and in_memory and not ctx.distributed):
+        if ctx.distributed:
+            raise InputError("data.loader=memory cannot split the cells across ranks; use data.loader=block")
+        counts = _counts_for_loader(store)
+        train_loader = MemoryLoader(counts, codes, train_rows, dc.batch_size, shuffle=True, seed=tc.seed)
+        val_loader = MemoryLoader(counts, codes, val_rows, dc.batch_size, shuffle=False) if len(val_rows) else None
+        return train_loader, val_loader
+    from scvi_scale.data.prefetch import StoreLoader
+
+    common = {
+        "block_size": dc.block_size,
+        "buffer_blocks": dc.buffer_blocks,
+        "rank": ctx.rank,
+        "world_size": ctx.world_size,
+        "num_threads": dc.loader_threads,
+        "memory_budget_bytes": dc.loader_memory_bytes,
+        "device": ctx.device if ctx.device.type == "cuda" else None,
+    }
+    train_loader = StoreLoader(store, codes, train_rows, dc.batch_size, seed=tc.seed, **common)
+    val_loader = None
+    if len(val_rows):
+        val_loader = StoreLoader(store, codes, val_rows, dc.batch_size, shuffle=False, seed=tc.seed, **common)
+    return train_loader, val_loader
+
+
+def _train_process(
+    ctx: DistContext,
+    source: Any,
+    out: Path | None,
+    config: Config,
+    ckpt: Path | None,
+    overwrite: bool,
+    launched: bool = False,
+) -> Run:
+    """Train in this process (one rank of ``ctx``); rank 0 writes the run directory."""
+    saved = safe_load(ckpt, CHECKPOINT_FORMAT) if ckpt is not None else None
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     compile_kernels(config.train.compile)
@@ -186,10 +337,10 @@ def train(
     store = open_counts(source, dc.layer, dc.drop_empty_cells)
     codes, categories = store.batch_codes(dc.batch_key)
     genes = dc.genes
-    if ckpt is not None and genes == "auto" and [str(v) for v in store.var_names] == saved["meta"]["var_names"]:
+    if saved is not None and genes == "auto" and [str(v) for v in store.var_names] == saved["meta"]["var_names"]:
         genes = "all"  # a run begun on all genes resumes on all genes, even if the store was prepared since
     store, prepared = select_genes(store, genes)
-    if ckpt is not None and [str(v) for v in store.var_names] != list(saved["meta"]["var_names"]):
+    if saved is not None and [str(v) for v in store.var_names] != list(saved["meta"]["var_names"]):
         raise InputError(f"cannot resume {ckpt} on {store.source}: its genes differ from the checkpoint's")
     n_batch = len(categories)
     lib_means = lib_vars = None
@@ -202,25 +353,24 @@ def train(
     max_epochs = tc.max_epochs or max_epochs_heuristic(store.n_obs)
     torch.manual_seed(tc.seed)  # the initial weights depend on the seed only
     model = VAE(store.n_vars, n_batch, config.model, lib_means, lib_vars)
-    run = Run(
-        Path(out) if out is not None else None,
-        model,
-        config,
-        [str(v) for v in store.var_names],
-        dc.batch_key,
-        list(categories),
-        dc.layer,
-        max_epochs,
-    )
-    if run.path is not None:
-        if ckpt is None:
+    run = Run(out, model, config, [str(v) for v in store.var_names], dc.batch_key, list(categories), dc.layer,
+              max_epochs)  # fmt: skip
+    if run.path is not None and ctx.is_main:
+        if ckpt is None and not launched:
             _prepare_out(run.path, overwrite)
         (run.path / "config.yaml").write_text(config.to_yaml())
         np.savez(run.path / "split.npz", train=train_rows, validation=val_rows)
-    counts = _counts_for_loader(store)
-    train_loader = MemoryLoader(counts, codes, train_rows, dc.batch_size, shuffle=True, seed=tc.seed)
-    val_loader = MemoryLoader(counts, codes, val_rows, dc.batch_size, shuffle=False) if len(val_rows) else None
-    log.info("training on %d cells x %d genes, %d batches, %d epochs", store.n_obs, store.n_vars, n_batch, max_epochs)
+    train_loader, val_loader = _make_loaders(store, codes, train_rows, val_rows, config, ctx)
+    if ctx.is_main:
+        log.info(
+            "training on %d cells x %d genes, %d batches, %d epochs, %d worker(s), %s loader",
+            store.n_obs, store.n_vars, n_batch, max_epochs, ctx.world_size, type(train_loader).__name__,
+        )  # fmt: skip
+    hooks = None
+    if launched and tc.launcher == "ray":
+        from scvi_scale.dist.ray_hooks import report_epoch
+
+        hooks = report_epoch(ctx, run.path)
     run.fit_result = fit(
         model,
         train_loader,
@@ -230,10 +380,12 @@ def train(
         run_dir=run.path,
         resume_from=ckpt,
         extra_state={"config": config.to_dict(), "meta": run.model_meta()},
-        device=device or "cpu",
+        device=ctx.device,
+        on_epoch_end=hooks,
+        dist=ctx,
     )
     model.eval()
-    if run.path is not None:
+    if run.path is not None and ctx.is_main:
         save_model(run)
     return run
 

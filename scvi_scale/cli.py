@@ -40,6 +40,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="validate the config and print it; touch no data")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    d = p.add_argument_group(
+        "data-parallel training",
+        "N workers train on disjoint shares of every epoch (re-drawn each epoch) and average gradients. "
+        "Under torchrun, start the ranks with `torchrun --nproc_per_node N -m scvi_scale train ...` instead.",
+    )
+    d.add_argument("--launcher", choices=["local", "torchrun", "ray"], help="how workers start (default local)")
+    d.add_argument("--workers", type=int, help="number of training processes (default 1)")
+    d.add_argument("--gpus-per-worker", type=float, help="Ray: GPUs per worker (default 0: CPU)")
+    d.add_argument("--address", help="Ray cluster: auto, or ray://HEAD:10001 (default: start a local Ray)")
+    d.add_argument("--storage-path", help="Ray run storage for results and checkpoints (local path or s3://)")
+    d.add_argument("--max-failures", type=int, help="Ray: restarts after a worker dies (default 2)")
 
 
 def _parse_bytes(text: str) -> int:
@@ -231,6 +243,12 @@ def _train(args: argparse.Namespace) -> int:
         ("batch_size", "data.batch_size"),
         ("seed", "train.seed"),
         ("threads", "train.num_threads"),
+        ("launcher", "train.launcher"),
+        ("workers", "train.workers"),
+        ("gpus_per_worker", "train.gpus_per_worker"),
+        ("address", "train.address"),
+        ("storage_path", "train.storage_path"),
+        ("max_failures", "train.max_failures"),
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -243,16 +261,30 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(config.to_yaml(), end="")
         return 0
+    resumed = {
+        key: getattr(args, flag)
+        for key, flag in (("max_epochs", "epochs"), ("workers", "workers"), ("launcher", "launcher"),
+                          ("gpus_per_worker", "gpus_per_worker"), ("address", "address"),
+                          ("storage_path", "storage_path"))
+    }  # fmt: skip
     run = api.train(
         args.data,
         args.out,
         config,
         resume=args.resume,
         overwrite=args.overwrite,
-        train={"max_epochs": args.epochs} if args.resume and args.epochs else {},
+        device=args.device,
+        train=resumed if args.resume else {},
     )
-    print(run)
+    if run.path is None or _is_main_rank():
+        print(run)
     return 0
+
+
+def _is_main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,12 +35,21 @@ class DataConfig:
     # which genes to train on: "auto" the highly variable genes a `scvi-scale prepare` recorded in the store
     # (all genes when it has none), "hvg" those and an error without them, "all" every gene
     genes: Literal["auto", "all", "hvg"] = "auto"
+    # minibatches: "auto" is random rows for counts in memory (one process) and the block-shuffling
+    # prefetching loader for on-disk stores and data-parallel runs; "memory" and "block" force one
+    loader: Literal["auto", "memory", "block"] = "auto"
+    block_size: int | None = None  # rows per block read; None: about 131k stored counts per block
+    buffer_blocks: int = 128  # blocks shuffled together (minibatch mixing: see the loader's docstring)
+    loader_threads: int = 2  # reader threads
+    loader_memory_bytes: int = 1 << 30  # bytes of decoded rows the loader may hold in flight
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:
             raise ConfigError(f"data.batch_size must be >= 2 (BatchNorm needs 2 cells); got {self.batch_size}")
         if not 0.0 < self.train_size <= 1.0:
             raise ConfigError(f"data.train_size must be in (0, 1]; got {self.train_size}")
+        if self.block_size is not None and self.block_size < 1 or self.buffer_blocks < 1 or self.loader_threads < 1:
+            raise ConfigError("data.block_size, data.buffer_blocks and data.loader_threads must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -65,12 +74,26 @@ class TrainConfig:
     num_threads: int | None = None  # torch intra-op threads; None: leave torch's default
     compile: bool = False  # torch.compile the fused ZINB kernel (needs a C++ compiler; ~10 s once, ~7% faster)
     progress: bool = True
+    precision: Literal["auto", "32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    sync_batchnorm: bool = True  # data-parallel batch norm over the global minibatch (as one process would)
+    # reparameterisation noise keyed by cell (same draw on any rank or minibatch); auto: on for data-parallel
+    # runs, off in one process (torch's generator, whose draws match scvi-tools' for a seed)
+    keyed_noise: Literal["auto", "on", "off"] = "auto"
+    # data-parallel launch: see `scvi-scale train --help` and deploy/SCALING.md
+    launcher: Literal["local", "torchrun", "ray"] = "local"
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    address: str | None = None  # Ray: None starts a local instance; "auto" or "ray://head:10001" joins a cluster
+    storage_path: str | None = None  # Ray's run storage (local path or s3://); default: Ray's own
+    max_failures: int = 2  # Ray restarts of the worker group after a worker dies (resuming from the checkpoint)
 
     def __post_init__(self) -> None:
         if self.max_epochs is not None and self.max_epochs < 1:
             raise ConfigError(f"train.max_epochs must be >= 1; got {self.max_epochs}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0; got {self.lr}")
+        if self.workers < 1:
+            raise ConfigError(f"train.workers must be >= 1; got {self.workers}")
 
 
 @dataclass(frozen=True)

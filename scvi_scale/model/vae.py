@@ -145,21 +145,30 @@ class VAE(nn.Module):
         )
 
     # -- passes -------------------------------------------------------------------------------------------------
-    def inference(self, x_ng: torch.Tensor, batch_n: torch.Tensor, n_samples: int = 1) -> Inference:
+    def inference(
+        self,
+        x_ng: torch.Tensor,
+        batch_n: torch.Tensor,
+        n_samples: int = 1,
+        eps_z: torch.Tensor | None = None,
+        eps_l: torch.Tensor | None = None,
+    ) -> Inference:
         """Encode counts: ``q(z|x)``, a sample of z and the (observed or sampled) log library.
 
         With ``n_samples > 1`` the sample axis comes first: ``z`` is ``(s, n, k)``, ``library`` ``(s, n, 1)``.
+        ``eps_z`` (``(n, k)``) and ``eps_l`` (``(n, 1)``) supply the standard normal draws of a single sample
+        instead of torch's generator (e.g. noise keyed by cell, which does not depend on the minibatch layout).
         """
         library = None
         if self.config.use_observed_lib_size:
             library = torch.log(x_ng.sum(dim=1, keepdim=True))
         x_in = torch.log1p(x_ng) if self.config.log_variational else x_ng
         qz_m, qz_v = self.z_encoder(x_in, batch_n)
-        z = self._sample(qz_m, qz_v)
+        z = self._sample(qz_m, qz_v, eps=eps_z)
         ql_m = ql_v = None
         if self.l_encoder is not None:
             ql_m, ql_v = self.l_encoder(x_in, batch_n)
-            library = self._sample(ql_m, ql_v)
+            library = self._sample(ql_m, ql_v, eps=eps_l)
         if n_samples > 1:  # scvi-tools' order of draws: one z, one library, then S of each
             z = self._sample(qz_m, qz_v, n_samples)
             if ql_m is not None:
@@ -171,10 +180,13 @@ class VAE(nn.Module):
         return Inference(qz_m=qz_m, qz_v=qz_v, z=z, library=library, ql_m=ql_m, ql_v=ql_v)
 
     @staticmethod
-    def _sample(mean: torch.Tensor, var: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
+    def _sample(
+        mean: torch.Tensor, var: torch.Tensor, n_samples: int = 1, eps: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # the same draws as torch.distributions.Normal.rsample (empty().normal_()), so seeds match scvi-tools
         shape = mean.shape if n_samples == 1 else (n_samples, *mean.shape)
-        eps = torch.empty(shape, dtype=mean.dtype, device=mean.device).normal_()
+        if eps is None:
+            eps = torch.empty(shape, dtype=mean.dtype, device=mean.device).normal_()
         return mean + eps * var.sqrt()
 
     def generative(
@@ -220,15 +232,22 @@ class VAE(nn.Module):
         return kl_z, kl_normal(inf.ql_m, inf.ql_v, prior_m, prior_v).sum(dim=-1)
 
     def forward(
-        self, x_ng: torch.Tensor, batch_n: torch.Tensor, kl_weight: float = 1.0, nonzero: Nonzero | None = None
+        self,
+        x_ng: torch.Tensor,
+        batch_n: torch.Tensor,
+        kl_weight: float = 1.0,
+        nonzero: Nonzero | None = None,
+        eps_z: torch.Tensor | None = None,
+        eps_l: torch.Tensor | None = None,
     ) -> LossTerms:
         """One full pass and the loss.
 
         ``batch_n`` holds ``(n,)`` (or ``(n, 1)``) integer batch codes; ``nonzero`` optionally gives the
-        (rows, cols) of the non-zero counts, which a loader reading CSR knows for free.
+        (rows, cols) of the non-zero counts, which a loader reading CSR knows for free; ``eps_z``/``eps_l``
+        optionally give the reparameterisation noise (see :meth:`inference`).
         """
         batch_n = batch_n.reshape(-1).long()
-        inf = self.inference(x_ng, batch_n)
+        inf = self.inference(x_ng, batch_n, eps_z=eps_z, eps_l=eps_l)
         px = self.generative(inf.z, inf.library, batch_n)
         reconstruction = self.reconstruction_loss(x_ng, px, nonzero)
         kl_z, kl_l = self.kl_terms(inf, batch_n)

@@ -22,8 +22,11 @@ from torch import nn
 
 from scvi_scale.config import TrainConfig
 from scvi_scale.data.batch import Batch
+from scvi_scale.dist import DistContext, wrap_model
+from scvi_scale.store.errors import InputError
 from scvi_scale.train.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, safe_load
 from scvi_scale.train.metrics import MetricsLog
+from scvi_scale.train.noise import cell_normal
 from scvi_scale.train.optim import kl_weight, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,13 @@ class ElboSums:
             f"{prefix}/kl_local": kl,
         }
 
+    def reduced(self, ctx: DistContext) -> ElboSums:
+        """The sums over every rank (a collective: all ranks call it at the same point)."""
+        if not ctx.distributed:
+            return self
+        loss, rec, kl, n = ctx.sum([float(self.loss), float(self.reconstruction), float(self.kl_local), self.n_obs])
+        return ElboSums(float(loss), float(rec), float(kl), int(n))
+
     def state(self) -> dict[str, float]:
         return {
             "loss": float(self.loss),
@@ -94,14 +104,7 @@ class FitResult:
 
 
 @torch.no_grad()
-def evaluate_elbo(
-    model: nn.Module,
-    loader: Iterable[Batch],
-    kl_weight: float = 1.0,
-    device: str | torch.device = "cpu",
-    prefix: str = "validation",
-) -> dict[str, float]:
-    """Mean per-cell loss terms over a loader, model in eval mode (BN running stats, no dropout)."""
+def _eval_sums(model: nn.Module, loader: Iterable[Batch], kl_weight: float, device: str | torch.device) -> ElboSums:
     was_training = model.training
     model.eval()
     sums = ElboSums()
@@ -109,6 +112,22 @@ def evaluate_elbo(
         batch = batch.to(device)
         sums.add(model(batch.x_ng, batch.batch_n, kl_weight, batch.nonzero), batch.n_obs)
     model.train(was_training)
+    return sums
+
+
+def evaluate_elbo(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    kl_weight: float = 1.0,
+    device: str | torch.device = "cpu",
+    prefix: str = "validation",
+    dist: DistContext | None = None,
+) -> dict[str, float]:
+    """Mean per-cell loss terms over a loader, model in eval mode (BN running stats, no dropout).
+
+    With a distributed ``dist``, each rank evaluates its share of the cells and the sums are added over ranks.
+    """
+    sums = _eval_sums(model, loader, kl_weight, device).reduced(dist or DistContext.single())
     out = sums.means(prefix)
     out[f"{prefix}/n_obs"] = sums.n_obs
     return out
@@ -126,6 +145,7 @@ def fit(
     extra_state: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    dist: DistContext | None = None,
 ) -> FitResult:
     """Train ``model`` for ``max_epochs`` epochs (or until early stopping).
 
@@ -145,36 +165,59 @@ def fit(
         A checkpoint written by this loop; training continues exactly where it stopped.
     extra_state
         Plain data saved in every checkpoint (resolved config, gene names, batch categories).
+    on_epoch_end
+        Called with each epoch's metric row (on every rank; the row holds sums over all ranks).
+    dist
+        This process's place in a data-parallel job (default: one process). The model is wrapped in DDP here
+        and stays single-device; each rank's loaders serve its own share of the cells. Metrics, progress and
+        checkpoints come from rank 0; loss sums and validation are added over ranks, stage times are the
+        slowest rank's.
     """
+    ctx = dist or DistContext.single(device)
     run_dir = Path(run_dir) if run_dir is not None else None
-    ckpt_path = run_dir / "checkpoints" / "last.pt" if run_dir is not None else None
+    ckpt_path = run_dir / "checkpoints" / "last.pt" if run_dir is not None and ctx.is_main else None
     model.to(device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.eps, cfg.weight_decay)
-    metrics = MetricsLog(run_dir)
+    core = model  # what checkpoints hold: the model itself, never the DDP wrapper
+    optimizer = make_optimizer(core, cfg.lr, cfg.eps, cfg.weight_decay)
+    metrics = MetricsLog(run_dir if ctx.is_main else None)
     start_epoch, global_step, start_sums, resume_steps = 0, 0, None, 0
     best, bad_epochs = math.inf, 0
     if resume_from is not None:
         state = safe_load(resume_from, CHECKPOINT_FORMAT)
-        model.load_state_dict(state["model"])
+        core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        train_loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            train_loader.load_state_dict(state["loader"])
+        except ValueError as err:
+            raise InputError(f"cannot resume from {resume_from}: {err}") from None
         start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
-        start_sums, resume_steps = state.get("epoch_sums"), int(state["loader"]["step"])
+        if ctx.distributed:  # each rank its own dropout stream, fixed by (seed, rank, step)
+            torch.manual_seed(hash((cfg.seed, ctx.rank, global_step)) % 2**63)
+        else:
+            torch.set_rng_state(state["torch_rng"])
+        start_sums = state.get("epoch_sums") if ctx.is_main else None  # global sums: counted once, on rank 0
+        resume_steps = int(state["loader"].get("step", 0))
         best, bad_epochs = float(state.get("best", math.inf)), int(state.get("bad_epochs", 0))
         metrics.truncate(start_epoch)
         log.info("resuming at epoch %d, step %d of the epoch", start_epoch, resume_steps)
     else:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)  # rank 0 (and one process) keeps the plain seed
+    train_model = wrap_model(core, ctx, cfg.sync_batchnorm)
+    keyed = cfg.keyed_noise == "on" or (cfg.keyed_noise == "auto" and ctx.distributed)
 
-    def checkpoint(epoch: int, steps_done: int, sums: ElboSums | None) -> Path | None:
+    def checkpoint(epoch: int, steps_done: int, sums: ElboSums | None, collective: bool = True) -> Path | None:
+        """Rank 0 writes; with ``collective`` every rank must call it (the epoch sums are added over ranks)."""
+        if sums is not None and collective:
+            sums = sums.reduced(ctx)
+        elif sums is not None and ctx.distributed:
+            sums = None  # rank 0's part alone would be wrong for the epoch: the resumed epoch starts its sums anew
         if ckpt_path is None:
             return None
         return atomic_save(
             {
                 "format": CHECKPOINT_FORMAT,
                 "version": FORMAT_VERSION,
-                "model": model.state_dict(),
+                "model": core.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "loader": train_loader.state_dict(steps_done),
                 "torch_rng": torch.get_rng_state(),
@@ -194,7 +237,9 @@ def fit(
     def loader_timings() -> dict[str, float] | None:
         return dict(timings()) if timings is not None else None
 
-    bar = _progress(cfg.progress, total=max_epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch)
+    bar = _progress(
+        cfg.progress and ctx.is_main, total=max_epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch
+    )
     result = FitResult(epochs=start_epoch, global_step=global_step, history=metrics.rows)
     epoch = start_epoch
     sums = ElboSums()
@@ -202,7 +247,7 @@ def fit(
     try:
         for epoch in range(start_epoch, max_epochs):
             train_loader.set_epoch(epoch)
-            model.train()
+            train_model.train()
             sums = ElboSums()
             steps_done = 0
             if start_sums is not None and epoch == start_epoch:
@@ -222,7 +267,9 @@ def fit(
                 t1 = time.perf_counter()
                 to_s += t1 - t_to
                 w = kl_weight(epoch, global_step, *warmup)
-                terms = model(batch.x_ng, batch.batch_n, w, batch.nonzero)
+                eps = _keyed_noise(cfg.seed, epoch, batch, core) if keyed else {}
+                with _autocast(cfg.precision, batch.x_ng.device):
+                    terms = train_model(batch.x_ng, batch.batch_n, w, batch.nonzero, **eps)
                 optimizer.zero_grad(set_to_none=True)
                 terms.loss.backward()
                 optimizer.step()
@@ -245,9 +292,9 @@ def fit(
                     checkpoint(epoch, steps_done, sums)
             epoch_s = time.perf_counter() - t_epoch
             row: dict[str, Any] = {"epoch": epoch, "step": global_step, "kl_weight": w}
-            row.update(sums.means("train"))
+            row.update(sums.reduced(ctx).means("train"))
             if val_loader is not None and len(val_loader) and (epoch + 1) % cfg.check_val_every_n_epoch == 0:
-                row.update(evaluate_elbo(model, val_loader, w, device))
+                row.update(evaluate_elbo(core, val_loader, w, device, dist=ctx))
                 row.pop("validation/n_obs", None)
                 if cfg.early_stopping:
                     current = row["validation/elbo"]
@@ -265,9 +312,12 @@ def fit(
             )
             if stages_before is not None:
                 row.update(_stage_times(stages_before, loader_timings(), data_s, to_s))
+            if ctx.distributed:  # the slowest rank's stage times; cells/s of the whole job
+                perf = sorted(k for k in row if k.startswith("perf/") and k != "perf/cells_per_s")
+                row.update(zip(perf, ctx.max([row[k] for k in perf]).tolist(), strict=True))
+                row["perf/cells_per_s"] = float(ctx.sum([cells])[0]) / max(row["perf/epoch_s"], 1e-9)
+                row["world_size"] = ctx.world_size
             metrics.log(row)
-            if on_epoch_end is not None:
-                on_epoch_end(row)
             result.epochs = epoch + 1
             result.global_step = global_step
             stop = cfg.early_stopping and bad_epochs >= cfg.early_stopping_patience
@@ -275,6 +325,8 @@ def fit(
             if last or (epoch + 1) % cfg.checkpoint_every_n_epochs == 0:
                 train_loader.set_epoch(epoch + 1)
                 result.checkpoint = checkpoint(epoch + 1, 0, None)
+            if on_epoch_end is not None:  # after the epoch's checkpoint, so a hook can publish it
+                on_epoch_end(row)
             if stop:
                 log.info(
                     "early stopping at epoch %d: validation ELBO has not improved for %d checks", epoch, bad_epochs
@@ -282,12 +334,28 @@ def fit(
                 result.stopped_early = True
                 break
     except KeyboardInterrupt:
-        path = checkpoint(epoch, steps_done, sums)
+        path = checkpoint(epoch, steps_done, sums, collective=False)
         raise TrainingInterrupted(path) from None
     finally:
         bar.close()
         metrics.close()
     return result
+
+
+def _keyed_noise(seed: int, epoch: int, batch: Batch, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Reparameterisation noise keyed by (seed, epoch, cell): the same draw wherever the cell lands."""
+    rows = torch.as_tensor(batch.rows_n, dtype=torch.int64)
+    dtype, device = batch.x_ng.dtype, batch.x_ng.device
+    eps = {"eps_z": cell_normal(seed, epoch, rows, model.config.n_latent, dtype).to(device)}
+    if not model.config.use_observed_lib_size:
+        eps["eps_l"] = cell_normal(seed + 7919, epoch, rows, 1, dtype).to(device)
+    return eps
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    """bf16 autocast on CUDA (``"auto"`` or ``"bf16"``); float32 everywhere else and with ``"32"``."""
+    use = device.type == "cuda" and precision in ("auto", "bf16")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
 
 
 def _stage_times(before: dict[str, float], after: dict[str, float], data_s: float, to_s: float) -> dict[str, float]:

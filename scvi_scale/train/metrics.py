@@ -31,6 +31,7 @@ COLUMNS = [
     "perf/decode_s",
     "perf/assemble_s",
     "perf/h2d_s",
+    "world_size",
 ]
 
 
