@@ -229,9 +229,12 @@ def _launch_workers(
     if ckpt is None:
         _prepare_out(out, overwrite)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a restarted worker group resumes only from ours
-    payload = {
-        "source": str(source),
-        "out": str(out),
+    text = str(source)
+    payload = {  # absolute paths: Ray workers run in their own working directories
+        "source": text
+        if "://" in text and not text.startswith("file://")
+        else os.path.abspath(text.removeprefix("file://")),
+        "out": str(out.resolve()),
         "config": config.to_dict(),
         "resume": str(ckpt) if ckpt is not None else None,
         "device": device,

@@ -55,13 +55,18 @@ def _launch_local(workers: int, entry: Callable[[Any], Any], payload: Any) -> No
             _local_worker, args=(workers, _free_port(), entry, payload), nprocs=workers, start_method="spawn"
         )
     except mp.ProcessRaisedException as exc:
-        # the worker's own one-line error when there is one (bad input reaches every rank alike)
-        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        if "InputError" in last:
-            raise InputError(last.split("InputError:", 1)[1].strip()) from None
-        raise RuntimeError(f"a training worker failed: {last}") from exc
+        _reraise_worker_error(str(exc), exc)
     except mp.ProcessExitedException as exc:
         raise RuntimeError(f"a training worker died ({exc}); resume from the run's last checkpoint") from exc
+
+
+def _reraise_worker_error(text: str, exc: BaseException) -> None:
+    """A worker's one-line ``InputError`` (bad input reaches every rank alike) as our own; else a RuntimeError."""
+    for line in reversed(text.strip().splitlines()):
+        if "InputError: " in line:
+            raise InputError(line.split("InputError: ", 1)[1].strip()) from None
+    last = text.strip().splitlines()[-1] if text.strip() else repr(exc)
+    raise RuntimeError(f"a training worker failed: {last}") from exc
 
 
 def ray_storage(storage_path: str | None) -> tuple[str | None, Any]:
@@ -149,10 +154,10 @@ def _launch_ray(
                 failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=1),
             ),
         )
-        result = trainer.fit()
-        if result.error is not None:
-            raise RuntimeError(f"the Ray training job failed: {result.error}") from result.error
-        return result
+        try:
+            return trainer.fit()
+        except Exception as exc:  # Ray wraps worker errors (TrainingFailedError, WorkerGroupError)
+            _reraise_worker_error(str(exc), exc)
     finally:
         if started:
             ray.shutdown()
