@@ -100,7 +100,13 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                 help="store format (default: tiledb for an --out ending in .tiledb, else zarr)",
             )
             p.add_argument("--overwrite", action="store_true", help="replace an existing store")
-        p.add_argument("--memory", type=_parse_bytes, default="1G", help="memory budget for row blocks (default 1G)")
+        p.add_argument(
+            "--memory",
+            type=_parse_bytes,
+            default="1G",
+            help="memory budget for the writer's shard buffers and the row blocks, e.g. 256M (default 1G; about 30M "
+            "of library buffers and ~0.3K per cell of metadata come on top)",
+        )
         p.add_argument("--drop-empty-cells", action="store_true", help="drop cells with zero counts instead of failing")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

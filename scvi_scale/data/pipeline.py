@@ -25,6 +25,7 @@ import scipy.sparse as sp
 
 from scvi_scale.data.memory import _canonical_csr
 from scvi_scale.data.sampler import Piece
+from scvi_scale.store.errors import InputError
 
 MAX_GAP_ROWS = 32  # rows of the other split within this distance are read and dropped rather than skipped
 QUEUE_BATCHES = 4  # assembled minibatches waiting for the consumer (also bounded by the memory budget)
@@ -82,6 +83,8 @@ def _read_spans(
         t0 = time.perf_counter()
         try:
             m = store.read_range(lo, hi)
+        except InputError:
+            raise  # already one line naming the store and what to do (e.g. a damaged chunk)
         except Exception as exc:
             raise StoreReadError(f"{source}: reading rows [{lo}, {hi}) failed ({type(exc).__name__}: {exc})") from exc
         t1 = time.perf_counter()

@@ -1,11 +1,17 @@
 """Streaming conversion of inputs into a Zarr or TileDB count store (:func:`convert`); growing one (:func:`append`).
 
 Inputs (``.h5ad``, AnnData ``.zarr``, 10x ``.h5`` and ``matrix.mtx`` folders; :mod:`scvi_scale.store.inputs`)
-are read in row blocks, never whole: a block holds about ``memory_budget_bytes / BYTES_PER_ENTRY`` entries,
-cut at row boundaries, is validated with :func:`~scvi_scale.store.validate.check_count_block` (messages name
-the file and its row and gene), mapped to the store's genes and written. Inputs' ``obs``/``var`` are held in
-memory (small next to the counts). A first pass over every input finds the largest count, so that the
-store's counts are uint16 when they fit.
+are read in row blocks, never whole: each is validated with :func:`~scvi_scale.store.validate.check_count_block`
+(messages name the file and its row and gene), mapped to the store's genes and written. A first pass over
+every input finds the largest count, so that the store's counts are uint16 when they fit.
+
+Memory: ``memory_budget_bytes`` pays first for a Zarr writer's buffers (:func:`writer_bytes`: up to one shard
+each of ``X/data``, ``X/indices`` and ``X/indptr``, held twice while a shard is written: at most 64 MB for
+uint16 counts), and what is left sizes the blocks, ``BYTES_PER_ENTRY`` bytes per entry, cut at row
+boundaries. A budget that cannot hold the buffers and a block of ``MIN_BLOCK_ENTRIES`` is exceeded, with a
+warning. Outside the budget: the inputs' ``obs``/``var`` (held in memory; they grow with the cells, not the
+counts) and the libraries' own buffers (zstd, h5py, the allocator's slack); ``benchmarks/RESULTS.md`` has
+measured peaks.
 
 Where the output goes:
 
@@ -29,7 +35,7 @@ import importlib.util
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,7 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
+from scvi_scale.store import zarr_store
 from scvi_scale.store.errors import InputError
 from scvi_scale.store.inputs import KINDS_HINT, CountInput, open_input, select_columns
 from scvi_scale.store.open import resolve_location
@@ -52,7 +59,15 @@ from scvi_scale.store.zarr_store import (
     write_elem,
 )
 
-__all__ = ["BYTES_PER_ENTRY", "DEFAULT_MEMORY_BUDGET", "FORMATS", "append", "convert"]
+__all__ = [
+    "BYTES_PER_ENTRY",
+    "DEFAULT_MEMORY_BUDGET",
+    "FORMATS",
+    "MIN_BLOCK_ENTRIES",
+    "append",
+    "convert",
+    "writer_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +75,51 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 # Peak bytes per stored entry of a block: source data+indices, validation masks and rint copy, mapped
 # indices, float64 row sums, the output copy (measured order of magnitude, rounded up).
 BYTES_PER_ENTRY = 48
+MIN_BLOCK_ENTRIES = 65_536  # one X chunk (3 MB of block): smaller blocks mostly add per-block overhead
 FORMATS = ("zarr", "tiledb")
 _NAME_SUFFIXES = (".h5ad", ".h5", ".zarr", ".mtx.gz", ".mtx")
+
+
+def writer_bytes(nnz: int, n_obs: int, count_dtype: np.dtype, tail: tuple[int, int] = (0, 0)) -> int:
+    """Peak bytes of :class:`~scvi_scale.store.zarr_store.CsrAppender`'s buffers for ``nnz`` entries in ``n_obs`` rows.
+
+    It holds up to one shard of ``X/data`` and ``X/indices`` (``ENTRY_SHARD`` entries; int32 indices) and of
+    ``X/indptr`` (``INDPTR_SHARD`` rows), less when the store is smaller, and concatenates them before writing:
+    twice that. ``tail`` is the (entries, rows) an appended-to store already has: its last partial shard is
+    buffered too.
+    """
+    shard, indptr_shard = zarr_store.ENTRY_SHARD, zarr_store.INDPTR_SHARD  # read now: tests shrink them
+    entries = min(shard, tail[0] % shard + nnz)
+    rows = min(indptr_shard, (tail[1] + 1) % indptr_shard + n_obs)
+    return 2 * (entries * (np.dtype(count_dtype).itemsize + 4) + rows * 8)
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MB" if n >= 1 << 20 else f"{n / 1024:.1f} KB"
+
+
+def _size_blocks(opened: list[CountInput], budget: int, fixed: int, warn: bool = True) -> None:
+    """Set every input's block size from what ``budget`` leaves after ``fixed`` bytes (the writer's buffers).
+
+    What is left must hold a block of ``MIN_BLOCK_ENTRIES`` (or the whole input, if smaller). A budget below
+    that cannot be kept: blocks are then sized from the whole budget, as if the writer were free, and a
+    warning names the minimum (tiny budgets are also how tests get many blocks out of tiny inputs).
+    """
+    nnz = sum(inp.nnz for inp in opened)
+    minimum = fixed + min(MIN_BLOCK_ENTRIES, nnz) * BYTES_PER_ENTRY
+    if budget >= minimum:
+        entries = (budget - fixed) // BYTES_PER_ENTRY
+    else:
+        entries = max(1024, budget // BYTES_PER_ENTRY)
+        if warn:
+            logger.warning(
+                "a memory budget of %s is below the %s this conversion needs to keep it (%s for the store writer's "
+                "shard buffers, %s for a row block): expect a peak of about %s; pass --memory %dM or more",
+                _size(budget), _size(minimum), _size(fixed), _size(minimum - fixed),
+                _size(fixed + entries * BYTES_PER_ENTRY), -(-minimum // (1 << 20)),
+            )  # fmt: skip
+    for inp in opened:
+        inp.max_entries = int(entries)
 
 
 def _gene_space(inputs: list[CountInput], genes: str | os.PathLike[str]) -> tuple[np.ndarray, str]:
@@ -188,22 +246,28 @@ def _inputs_obs(inputs: list[CountInput], batch_key: str | None, batch_per_file:
 
 def _prepare(
     paths: list, layer: str | None, batch_key: str | None, batch_per_file: bool, budget: int, var_names: str,
-    progress: bool,
+    progress: bool, fixed_bytes: Callable[[int, int, np.dtype], int],
 ) -> tuple[list[CountInput], list[pd.DataFrame], np.dtype]:  # fmt: skip
-    """Open, check and scan every input (before anything is written); their obs frames and the count dtype."""
+    """Open, check and scan every input (before anything is written); their obs frames and the count dtype.
+
+    Blocks are sized from ``budget`` less ``fixed_bytes(nnz, n_obs, count dtype)``: for the scan with uint16
+    counts, then with the dtype it found.
+    """
     from tqdm.auto import tqdm
 
     if not paths:
         raise InputError(f"no inputs given; pass one or more of: {KINDS_HINT}")
-    max_entries = max(1024, int(budget) // BYTES_PER_ENTRY)
-    opened = [open_input(p, max_entries=max_entries, layer=layer, var_names=var_names) for p in paths]
+    opened = [open_input(p, max_entries=MIN_BLOCK_ENTRIES, layer=layer, var_names=var_names) for p in paths]
     frames = _inputs_obs(opened, batch_key, batch_per_file)
     best = 0.0
-    total = sum(inp.nnz for inp in opened)
+    total, n_obs = sum(inp.nnz for inp in opened), sum(inp.n_obs for inp in opened)
+    _size_blocks(opened, budget, fixed_bytes(total, n_obs, np.dtype(np.uint16)), warn=False)
     with tqdm(total=total, unit="entries", unit_scale=True, desc="scan", disable=not progress) as pbar:
         for inp in opened:
             best = max(best, inp.scan(pbar.update))
-    return opened, frames, count_dtype_for(best)
+    dtype = count_dtype_for(best)
+    _size_blocks(opened, budget, fixed_bytes(total, n_obs, dtype))
+    return opened, frames, dtype
 
 
 def _stream_zarr(
@@ -360,8 +424,9 @@ def convert(
         (genes present in every input, in the first one's order), or the path of a text file with one gene
         name per line (that order; listed genes an input lacks are zeros).
     memory_budget_bytes
-        Bounds the row block held at a time (plus a fixed overhead of about one shard per ``X`` array
-        and the inputs' obs/var).
+        Bounds the Zarr writer's shard buffers (:func:`writer_bytes`, up to 64 MB for uint16 counts) plus the
+        row block held at a time; the inputs' obs/var and the libraries' own buffers come on top (see the
+        module docstring). A smaller budget than the buffers and one small block is exceeded, with a warning.
     overwrite
         Replace an existing ``out``.
     progress
@@ -392,7 +457,10 @@ def convert(
         exists = meta is not None and (not meta or bool(meta.get("complete")))
     if exists and not overwrite:  # checked before reading the inputs
         raise InputError(f"{text}: already exists; pass --overwrite to replace it, or use `append` to add cells")
-    opened, frames, dtype = _prepare(paths, layer, batch_key, batch_per_file, memory_budget_bytes, var_names, progress)
+    fixed = (lambda nnz, n, dt: 0) if fmt == "tiledb" else writer_bytes  # TileDB's writer keeps its own buffers
+    opened, frames, dtype = _prepare(
+        paths, layer, batch_key, batch_per_file, memory_budget_bytes, var_names, progress, fixed
+    )
     out_genes, genes_mode = _gene_space(opened, genes)
     meta = {"genes": genes_mode, "batch_key": batch_key or ("batch" if batch_per_file else None)}
     if fmt == "tiledb":
@@ -435,7 +503,11 @@ def append(
         logger.warning("rolled back an interrupted append to %d cells", meta["append_pending"]["n_obs"])
         set_complete(root, True, append_pending=None)
     store = ZarrStore(store_path)
-    opened, frames, dtype = _prepare(paths, layer, batch_key, batch_per_file, memory_budget_bytes, var_names, progress)
+    store_dtype, tail = np.dtype(meta["count_dtype"]), (store.nnz, store.n_obs)
+    opened, frames, dtype = _prepare(
+        paths, layer, batch_key, batch_per_file, memory_budget_bytes, var_names, progress,
+        lambda nnz, n, dt: writer_bytes(nnz, n, store_dtype, tail),  # the store's dtype; a larger one is refused
+    )  # fmt: skip
     out_genes = store.var_names
     for inp in opened:
         extra = np.setdiff1d(inp.var_names, out_genes)

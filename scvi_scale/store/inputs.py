@@ -117,7 +117,7 @@ class CountInput(ABC):
     nnz
         Stored entries (``n_obs * n_vars`` for dense counts): what :meth:`scan` reports progress in.
     max_entries
-        Entries per row block, from the memory budget.
+        Entries per row block, from the memory budget (the converter may set it again before reading).
     """
 
     kind = ""

@@ -97,13 +97,17 @@ class MtxInput(CountInput):
         n_features, _, nnz, self._header_lines = shape
         super().__init__(folder, matrix.name, var_names, obs, nnz, max_entries)
         self.matrix, self.n_features, self._col_map = matrix, n_features, col_map
-        self._chunk_lines = int(min(max(1024, max_entries // 2), _MAX_CHUNK_LINES))
         self._ptr: np.ndarray | None = None  # entries per cell, from scan()
         self._sorted = True
 
     @property
     def source(self) -> str:
         return str(self.matrix)
+
+    @property
+    def _chunk_lines(self) -> int:
+        # from max_entries when read: the converter sets it once the writer's share of the budget is known
+        return int(min(max(1024, self.max_entries // 2), _MAX_CHUNK_LINES))
 
     def provenance(self) -> dict:
         st = self.matrix.stat()
