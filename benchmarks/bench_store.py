@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -137,6 +138,7 @@ def bench_convert(inputs: list[Path], work: Path, args: argparse.Namespace) -> N
         row = {"bench": BENCH, "part": "convert", "n_obs": n_obs, "input_x_bytes": x_bytes, "budget": args.memory}
         for mode in ("ours", "anndata-read-write-zarr"):
             out = work / f"{src.stem}-{mode}.zarr"
+            shutil.rmtree(out, ignore_errors=True)  # a rerun into the same --workdir measures afresh
             rec = _convert_child("ours" if mode == "ours" else "peer", src, out, args.memory)
             over = rec["peak_rss"] - rec["baseline_rss"]
             rec.update(
@@ -161,6 +163,7 @@ def bench_chunks(h5ad: Path, work: Path, args: argparse.Namespace) -> None:
     default = zarr_store.ENTRY_CHUNK
     for chunk in args.chunk_sweep:
         out = work / f"chunk{chunk}.zarr"
+        shutil.rmtree(out, ignore_errors=True)
         zarr_store.ENTRY_CHUNK = chunk  # create_layout reads the module constant when it builds X
         try:
             with contextlib.redirect_stdout(sys.stderr):

@@ -8,10 +8,10 @@ every input finds the largest count, so that the store's counts are uint16 when 
 Memory: ``memory_budget_bytes`` pays first for a Zarr writer's buffers (:func:`writer_bytes`: up to one shard
 each of ``X/data``, ``X/indices`` and ``X/indptr``, held twice while a shard is written: at most 64 MB for
 uint16 counts), and what is left sizes the blocks, ``BYTES_PER_ENTRY`` bytes per entry, cut at row
-boundaries. A budget that cannot hold the buffers and a block of ``MIN_BLOCK_ENTRIES`` is exceeded, with a
-warning. Outside the budget: the inputs' ``obs``/``var`` (held in memory; they grow with the cells, not the
-counts) and the libraries' own buffers (zstd, h5py, the allocator's slack); ``benchmarks/RESULTS.md`` has
-measured peaks.
+boundaries. The budget also pays for the inputs' cell metadata (``obs``, held and merged: twice its size)
+and a constant ``LIBRARY_BYTES`` for the libraries' own buffers (zstd, h5py). A budget that cannot hold all
+that and a block of ``MIN_BLOCK_ENTRIES`` is exceeded, with a warning naming the minimum;
+``benchmarks/RESULTS.md`` has measured peaks.
 
 Where the output goes:
 
@@ -80,6 +80,9 @@ FORMATS = ("zarr", "tiledb")
 _NAME_SUFFIXES = (".h5ad", ".h5", ".zarr", ".mtx.gz", ".mtx")
 
 
+LIBRARY_BYTES = 32 << 20  # buffers of zarr, zstd and h5py during a conversion (measured with bench_store.py)
+
+
 def writer_bytes(nnz: int, n_obs: int, count_dtype: np.dtype, tail: tuple[int, int] = (0, 0)) -> int:
     """Peak bytes of :class:`~scvi_scale.store.zarr_store.CsrAppender`'s buffers for ``nnz`` entries in ``n_obs`` rows.
 
@@ -102,19 +105,20 @@ def _size_blocks(opened: list[CountInput], budget: int, fixed: int, warn: bool =
     """Set every input's block size from what ``budget`` leaves after ``fixed`` bytes (the writer's buffers).
 
     What is left must hold a block of ``MIN_BLOCK_ENTRIES`` (or the whole input, if smaller). A budget below
-    that cannot be kept: blocks are then sized from the whole budget, as if the writer were free, and a
-    warning names the minimum (tiny budgets are also how tests get many blocks out of tiny inputs).
+    that cannot be kept: blocks then get ``MIN_BLOCK_ENTRIES`` (or fewer, down to 1,024, for a budget that
+    small: how tests get many blocks out of tiny inputs), and a warning names the minimum.
     """
     nnz = sum(inp.nnz for inp in opened)
     minimum = fixed + min(MIN_BLOCK_ENTRIES, nnz) * BYTES_PER_ENTRY
     if budget >= minimum:
         entries = (budget - fixed) // BYTES_PER_ENTRY
     else:
-        entries = max(1024, budget // BYTES_PER_ENTRY)
+        entries = max(1024, min(budget // BYTES_PER_ENTRY, MIN_BLOCK_ENTRIES))  # the smallest blocks we allow
         if warn:
             logger.warning(
                 "a memory budget of %s is below the %s this conversion needs to keep it (%s for the store writer's "
-                "shard buffers, %s for a row block): expect a peak of about %s; pass --memory %dM or more",
+                "shard buffers, cell metadata and library buffers, %s for a row block): expect a peak of about %s; "
+                "pass --memory %dM or more",
                 _size(budget), _size(minimum), _size(fixed), _size(minimum - fixed),
                 _size(fixed + entries * BYTES_PER_ENTRY), -(-minimum // (1 << 20)),
             )  # fmt: skip
@@ -261,12 +265,15 @@ def _prepare(
     frames = _inputs_obs(opened, batch_key, batch_per_file)
     best = 0.0
     total, n_obs = sum(inp.nnz for inp in opened), sum(inp.n_obs for inp in opened)
-    _size_blocks(opened, budget, fixed_bytes(total, n_obs, np.dtype(np.uint16)), warn=False)
+    # outside the blocks: the cell metadata (held, then merged into one frame and written) and the libraries'
+    # own buffers (zarr/zstd, h5py chunk caches; measured ~30 MB, constant)
+    held = LIBRARY_BYTES + 2 * sum(int(fr.memory_usage(deep=True).sum()) for fr in frames)
+    _size_blocks(opened, budget, held + fixed_bytes(total, n_obs, np.dtype(np.uint16)), warn=False)
     with tqdm(total=total, unit="entries", unit_scale=True, desc="scan", disable=not progress) as pbar:
         for inp in opened:
             best = max(best, inp.scan(pbar.update))
     dtype = count_dtype_for(best)
-    _size_blocks(opened, budget, fixed_bytes(total, n_obs, dtype))
+    _size_blocks(opened, budget, held + fixed_bytes(total, n_obs, dtype))
     return opened, frames, dtype
 
 
