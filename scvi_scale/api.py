@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from scvi_scale.config import Config, config_from_dict, with_overrides
 from scvi_scale.data.memory import MemoryLoader, train_val_split
 from scvi_scale.dist import DistContext
+from scvi_scale.infer import writeback
 from scvi_scale.infer.embed import latent_representation
 from scvi_scale.model import VAE, ModelConfig
 from scvi_scale.model.fused import compile_kernels
@@ -57,6 +59,8 @@ class Run:
         """Per-epoch metrics (empty when the run has none, e.g. an imported scvi-tools model)."""
         if self.path is not None and (self.path / "metrics.csv").exists():
             return pd.read_csv(self.path / "metrics.csv")
+        if self.fit_result is not None:  # trained in memory (no run directory)
+            return pd.DataFrame(self.fit_result.history)
         return pd.DataFrame()
 
     def __repr__(self) -> str:
@@ -574,3 +578,162 @@ def export_scvi_tools(run: Run | str | Path, out: str | Path, overwrite: bool = 
         layer=run.layer,
     )
     return write_scvi_tools(out, st, overwrite=overwrite)
+
+
+def embed_to_store(
+    run: Run | str | Path,
+    store: Any,
+    outputs: Sequence[str] = ("latent",),
+    launcher: str = "local",
+    workers: int = 1,
+    batch_size: int = 1024,
+    *,
+    region_rows: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    address: str | None = None,
+    threads: int | None = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> writeback.EmbedSummary:
+    """Write the embedding of every cell into the store itself: ``obsm/X_scvi``, row-aligned with the counts.
+
+    The rows are written region by region (chunk-aligned, one writer each), every region committed by a mark
+    once its data are in place, and a manifest (store metadata ``"embed"``: model hash, config, rows, outputs,
+    completion) is written last. A rerun skips committed regions, so a killed job is resumed by running it again,
+    and its result is byte-identical to an uninterrupted run; a rerun after completion does nothing; a run with
+    another model replaces the earlier embedding. See :mod:`scvi_scale.infer.writeback`.
+
+    Parameters
+    ----------
+    run
+        A run directory or :class:`Run`.
+    store
+        A ``.zarr`` or ``.tiledb`` store: path, URL (``s3://...``) or an opened store (in-process writing only).
+    outputs
+        Any of ``"latent"`` (``obsm/X_scvi``, posterior mean), ``"latent_var"`` (``X_scvi_var``, posterior
+        variance) and ``"library"`` (``X_scvi_library``: log total counts over the model's genes, or the posterior
+        mean of the log library when the model's library is latent).
+    launcher, workers
+        ``"local"`` with 1 worker writes in this process; with N, on N spawned processes. ``"ray"``: Ray tasks,
+        N in flight at once (on the Ray at ``address``, or one started here).
+    batch_size
+        Cells per forward pass; minibatches start at each region's first row, so the bytes written do not depend
+        on the launcher or the number of workers.
+    region_rows
+        Rows per region: a multiple of ``OBSM_CHUNK_ROWS`` (16,384, the default), or fewer (chunks then shrink to
+        the region; small stores and tests).
+    threads
+        Torch threads of this process (one worker), of each worker process (default: the cores shared among the
+        workers) or of each Ray task (its CPUs; default 1).
+    progress
+        A progress bar (cells/s) over the regions left to write.
+
+    Examples
+    --------
+    >>> embed_to_store("runs/a", "s3://bucket/atlas.zarr", ["latent", "latent_var"], "ray", 8)  # doctest: +SKIP
+    EmbedSummary('s3://bucket/atlas.zarr': obsm X_scvi, X_scvi_var of 1200000 cells in 74 regions; wrote 74, ...)
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    outputs = _embed_outputs(outputs)
+    if launcher not in ("local", "ray"):
+        raise InputError(f"unknown launcher {launcher!r} for embedding; choose local or ray")
+    if workers < 1:
+        raise InputError(f"workers must be >= 1; got {workers}")
+    run = load_run(run) if not isinstance(run, Run) else run
+    target, url = _region_store(store, storage_options, launcher, workers)
+    view, loader = _aligned_loader(run, target, batch_size)
+    device = device or "cpu"
+    job = writeback.EmbedJob(
+        store_url=url,
+        outputs=outputs,
+        widths=tuple(1 if o == "library" else run.model.config.n_latent for o in outputs),
+        plan=writeback.plan_regions(target.n_obs, region_rows),
+        batch_size=int(batch_size),
+        model_hash=writeback.model_hash(run.model, run.var_names, run.batch_categories),
+        batch_key=run.batch_key,
+        batch_categories=tuple(run.batch_categories),
+        gene_idx=tuple(int(g) for g in view.gene_idx) if isinstance(view, GeneSubset) else None,
+        device=device,
+        threads=threads or (1 if launcher == "ray" else max(1, (os.cpu_count() or 1) // workers)),  # per worker
+        seed=run.config.train.seed,
+        storage_options=storage_options,
+    )
+    record = {"run": str(run.path) if run.path is not None else None, "config": run.config.to_dict()}
+    state = writeback.begin(target, job, record)
+    if state.replaced:
+        log.info("%s: replacing the embedding of model %s", target.source, state.replaced[:12])
+    items = [(r, int(state.prior[r])) for r in state.pending]
+    cells = sum(job.plan.bounds(r)[1] - job.plan.bounds(r)[0] for r in state.pending)
+    if launcher == "ray" and items:
+        from scvi_scale.dist.ray_tasks import ray_map
+
+        gpus = 1.0 if torch.device(device).type == "cuda" else 0.0
+        done = ray_map(writeback.region_task, items, shared=(job, run.model), max_in_flight=workers,
+                       num_cpus=float(job.threads or 1), num_gpus=gpus, address=address)  # fmt: skip
+    elif workers > 1 and len(items) > 1:
+        done = writeback.run_processes(job, run.model, items, min(workers, len(items)))
+    else:
+        if threads:
+            torch.set_num_threads(threads)
+        run.model.to(device)
+        codes = loader.batch_codes
+        done = ((r, writeback.write_region(target, view, codes, run.model, job, r, prior)) for r, prior in items)
+    written = 0
+    with tqdm(
+        total=cells, unit="cells", unit_scale=True, desc=f"embed {Path(url).name}", disable=not progress or not cells
+    ) as bar:
+        for _, n in done:
+            written += 1
+            bar.update(n)
+    complete = writeback.finish(target, job, record) if not state.already_complete else True
+    return writeback.EmbedSummary(
+        store=target.source,
+        keys=job.keys,
+        n_obs=job.plan.n_obs,
+        n_regions=job.plan.n_regions,
+        written=written,
+        skipped=job.plan.n_regions - len(items),
+        cells=cells,
+        complete=complete,
+        seconds=time.perf_counter() - started,
+        model_hash=job.model_hash,
+        workers=workers,
+        launcher=launcher,
+        replaced=state.replaced,
+    )
+
+
+def _embed_outputs(outputs: Sequence[str] | str) -> tuple[str, ...]:
+    from scvi_scale.infer.writeback import OUTPUT_KEYS
+
+    names = [o.strip() for o in outputs.split(",")] if isinstance(outputs, str) else [str(o) for o in outputs]
+    unknown = [o for o in names if o not in OUTPUT_KEYS]
+    if unknown or not names:
+        raise InputError(f"unknown outputs {unknown or names}; choose from {', '.join(OUTPUT_KEYS)}")
+    return tuple(o for o in OUTPUT_KEYS if o in names)  # a fixed order, whatever order they were asked in
+
+
+def _region_store(store: Any, storage_options: dict[str, Any] | None, launcher: str, workers: int) -> tuple[Any, str]:
+    """The opened store that embeddings are written into, and the path or URL workers reopen it by."""
+    if isinstance(store, (str, Path)):
+        text = str(store)
+        url = (
+            text if "://" in text and not text.startswith("file://") else os.path.abspath(text.removeprefix("file://"))
+        )
+        from scvi_scale.store.open import open_store
+
+        target = open_store(url, storage_options=storage_options)
+    else:
+        target, url = store, str(store.source)
+        if launcher == "ray" or workers > 1:
+            raise InputError("embedding on several workers reopens the store in each: pass its path or URL")
+    if not hasattr(target, "write_mark"):
+        raise InputError(
+            f"{target.source}: embeddings are written back into .zarr or .tiledb stores only; for an .h5ad file "
+            "write a new file instead (scvi-scale embed RUN DATA --out embedded.h5ad)"
+        )
+    return target, url

@@ -208,14 +208,29 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     p = sub.add_parser(
         "embed",
-        help="write the latent embedding obsm['X_scvi'] for every cell",
-        description="Embed every cell of DATA with a trained run; write an .h5ad with obsm['X_scvi'] "
-        "(posterior mean) and obsm['X_scvi_var'].",
+        help="write the latent embedding obsm['X_scvi'] for every cell (into the store, or a new .h5ad)",
+        description="Embed every cell of DATA with a trained run. Without --out, DATA is a .zarr/.tiledb store "
+        "(path or URL) and the embedding is written back into it (obsm/X_scvi, row-aligned with the counts) "
+        "region by region; a killed run resumes when rerun, a finished one is not redone. With --out, write a "
+        "new .h5ad with obsm['X_scvi'] (posterior mean) and obsm['X_scvi_var'].",
     )
     p.add_argument("run_dir")
-    p.add_argument("data")
-    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("data", help="a .zarr/.tiledb store (path or URL), or an .h5ad with --out")
+    p.add_argument("--out", help="write a new .h5ad here instead of writing into the store")
     p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument(
+        "--outputs",
+        default="latent",
+        help="into the store: comma-separated latent (obsm/X_scvi), latent_var (X_scvi_var), library "
+        "(X_scvi_library); default latent",
+    )
+    p.add_argument("--launcher", choices=["local", "ray"], default="local", help="local processes or Ray tasks")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, or Ray tasks in flight (default 1)")
+    p.add_argument("--address", help="Ray cluster: auto, or ray://HEAD:10001 (default: start a local Ray)")
+    p.add_argument("--region-rows", type=int, help="rows per region: a multiple of 16384 (default), or fewer")
+    p.add_argument("--threads", type=int, help="torch threads per worker")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser(
         "evaluate",
         help="negative ELBO per cell of a trained run on data",
@@ -287,6 +302,35 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    from scvi_scale import api
+    from scvi_scale.store.errors import InputError
+
+    if args.out is not None:
+        adata = api.embed(args.run_dir, args.data, args.out, batch_size=args.batch_size)
+        print(f"wrote {args.out}: obsm['X_scvi'] {adata.obsm['X_scvi'].shape}")
+        return 0
+    if args.data.rstrip("/").lower().endswith(".h5ad"):
+        raise InputError(
+            f"{args.data}: embeddings are written back into .zarr/.tiledb stores; for an .h5ad pass --out NEW.h5ad"
+        )
+    summary = api.embed_to_store(
+        args.run_dir,
+        args.data,
+        args.outputs,
+        launcher=args.launcher,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        region_rows=args.region_rows,
+        address=args.address,
+        threads=args.threads,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(summary)
+    return 0 if summary.complete else 1
+
+
 def _is_main_rank() -> bool:
     import os
 
@@ -338,9 +382,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"report: {Path(args.out) / 'report'}")
         return 0
     if args.command == "embed":
-        adata = api.embed(args.run_dir, args.data, args.out, batch_size=args.batch_size)
-        print(f"wrote {args.out}: obsm['X_scvi'] {adata.obsm['X_scvi'].shape}")
-        return 0
+        return _embed(args)
     if args.command == "evaluate":
         result = api.evaluate(args.run_dir, args.data, batch_size=args.batch_size)
         if args.json:

@@ -11,6 +11,8 @@ Layout of a store at ``uri`` (a TileDB group; format version 1):
   ``columns`` (JSON) records names, dtypes and categories, so categoricals come back with the same categories
   and order, and strings (with missing values) come back as strings.
 - ``obsm/<key>``: dense float32 ``n_obs x k`` arrays written by row region (:meth:`TileDBStore.write_obsm`).
+- ``uns/<name>``: dense uint64 commit marks of the region writer (:mod:`scvi_scale.infer.writeback`), one
+  fragment per mark written.
 - group metadata: ``format_version``, ``count_dtype``, ``provenance`` (JSON), ``n_obs``, ``n_vars``, ``nnz`` and,
   written last, ``complete``. A store without it is refused with "... is incomplete ...".
 
@@ -301,6 +303,66 @@ class TileDBStore(StoreReads):
         """The ``prepare`` entry recorded by :func:`scvi_scale.prep.prepare.prepare`, or None."""
         value = self.metadata.get("prepare")
         return json.loads(value) if isinstance(value, str) else value
+
+    # ---- the region writer (scvi_scale.infer.writeback): obsm arrays made up front, per-region commit marks ----
+
+    def obsm_layout(self, key: str) -> tuple[int, int, int] | None:
+        """``(rows, columns, tile rows)`` of ``obsm/<key>``, or None when there is no such array."""
+        tiledb, uri = _tiledb(), f"{self.uri}/obsm/{key}"
+        if tiledb.object_type(uri, ctx=self._ctx) != "array":
+            return None
+        with tiledb.open(uri, ctx=self._ctx) as arr:
+            cells, cols = arr.schema.domain.dim(0), arr.schema.domain.dim(1)
+            return int(cells.domain[1]) + 1, int(cols.domain[1]) + 1, int(cells.tile)
+
+    def create_obsm(self, key: str, n_cols: int, chunk_rows: int) -> None:
+        """Create ``obsm/<key>`` (float32, ``n_obs x n_cols``, tiles of ``chunk_rows`` rows), replacing any there.
+
+        Each :meth:`write_obsm` is a fragment of its own, committed atomically; concurrent writers of disjoint
+        row regions never conflict.
+        """
+        tiledb = _tiledb()
+        self.delete_obsm(key)
+        dims = [
+            tiledb.Dim("cell", domain=(0, self.n_obs - 1), tile=max(1, min(chunk_rows, self.n_obs)), dtype=np.int64),
+            tiledb.Dim("dim", domain=(0, n_cols - 1), tile=n_cols, dtype=np.int64),
+        ]
+        attr = tiledb.Attr("value", dtype=np.float32, filters=tiledb.FilterList([tiledb.ZstdFilter(3)]))
+        schema = tiledb.ArraySchema(tiledb.Domain(*dims), attrs=[attr])
+        tiledb.Array.create(f"{self.uri}/obsm/{key}", schema, ctx=self._ctx)
+
+    def delete_obsm(self, key: str) -> None:
+        """Remove ``obsm/<key>`` if it exists."""
+        tiledb, uri = _tiledb(), f"{self.uri}/obsm/{key}"
+        if tiledb.object_type(uri, ctx=self._ctx) is not None:
+            tiledb.remove(uri, ctx=self._ctx)
+
+    def read_marks(self, name: str) -> np.ndarray | None:
+        """The commit marks ``uns/<name>`` (uint64, 0 = not committed), or None when there are none."""
+        tiledb, uri = _tiledb(), f"{self.uri}/uns/{name}"
+        if tiledb.object_type(uri, ctx=self._ctx) != "array":
+            return None
+        with tiledb.open(uri, ctx=self._ctx) as arr:
+            return np.asarray(arr[:]["token"], dtype=np.uint64)
+
+    def create_marks(self, name: str, size: int) -> None:
+        """Create ``size`` zero commit marks ``uns/<name>`` (a dense uint64 array), replacing any there.
+
+        Each :meth:`write_mark` is a one-cell fragment, which TileDB commits atomically (locally and on S3).
+        """
+        tiledb, uns = _tiledb(), f"{self.uri}/uns"
+        if tiledb.object_type(uns, ctx=self._ctx) is None:
+            tiledb.Group.create(uns, ctx=self._ctx)
+        if tiledb.object_type(f"{uns}/{name}", ctx=self._ctx) is not None:
+            tiledb.remove(f"{uns}/{name}", ctx=self._ctx)
+        dim = tiledb.Dim("region", domain=(0, max(size, 1) - 1), tile=1, dtype=np.int64)
+        schema = tiledb.ArraySchema(tiledb.Domain(dim), attrs=[tiledb.Attr("token", dtype=np.uint64, fill=0)])
+        tiledb.Array.create(f"{uns}/{name}", schema, ctx=self._ctx)
+
+    def write_mark(self, name: str, index: int, value: int) -> None:
+        """Set commit mark ``index`` of ``uns/<name>`` to ``value`` (0 clears it); see :meth:`create_marks`."""
+        with _tiledb().open(f"{self.uri}/uns/{name}", "w", ctx=self._ctx) as arr:
+            arr[index : index + 1] = {"token": np.array([value], dtype=np.uint64)}
 
     # ---- writing ----
 

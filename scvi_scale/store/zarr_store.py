@@ -9,7 +9,7 @@ Layout (``anndata.read_zarr`` and ``anndata.io.sparse_dataset(zarr.open_group(p)
         indptr                 int64, n_obs + 1 (an atlas can hold more than 2**31 entries)
       obs/  var/               AnnData dataframes (categoricals kept as categories + codes)
       obsm/<key>               float arrays n_obs x k, chunks of OBSM_CHUNK_ROWS rows (embeddings)
-      uns/
+      uns/                     uns/<name>: commit marks of the region writer, one chunk each (infer.writeback)
 
 ``X/data`` and ``X/indices`` use chunks of ``ENTRY_CHUNK`` = 65,536 entries (the read unit: a 1,024-row
 block of a 5-12 % dense 2,000-gene matrix is 100-250k entries, 2-5 chunks) inside shards of ``ENTRY_SHARD``
@@ -488,3 +488,66 @@ class ZarrStore(StoreReads):
     def prepared(self) -> dict[str, Any] | None:
         """The ``prepare`` entry recorded by :func:`scvi_scale.prep.prepare.prepare`, or None."""
         return self.metadata.get("prepare")
+
+    # ---- the region writer (scvi_scale.infer.writeback): obsm arrays made up front, per-region commit marks ----
+
+    def obsm_layout(self, key: str) -> tuple[int, int, int] | None:
+        """``(rows, columns, chunk rows)`` of ``obsm/<key>``, or None when there is no such array."""
+        obsm = open_zarr_group(self._url, self._storage_options, mode="r")[0]["obsm"]
+        if key not in obsm:
+            return None
+        arr = obsm[key]
+        return int(arr.shape[0]), int(arr.shape[1]) if arr.ndim > 1 else 1, int(arr.chunks[0])
+
+    def create_obsm(self, key: str, n_cols: int, chunk_rows: int) -> None:
+        """Create ``obsm/<key>`` (float32, ``n_obs x n_cols``, NaN until written), replacing any array there.
+
+        Concurrent writers of :meth:`write_obsm` must each own whole chunks of ``chunk_rows`` rows.
+        """
+        obsm = open_zarr_group(self._url, self._storage_options, mode="r+")[0]["obsm"]
+        if key in obsm:
+            del obsm[key]
+        arr = obsm.create_array(
+            key,
+            shape=(self.n_obs, n_cols),
+            dtype=np.float32,
+            chunks=(max(1, min(chunk_rows, self.n_obs)), n_cols),
+            fill_value=np.nan,
+        )
+        arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+
+    def delete_obsm(self, key: str) -> None:
+        """Remove ``obsm/<key>`` if it exists."""
+        obsm = open_zarr_group(self._url, self._storage_options, mode="r+")[0]["obsm"]
+        if key in obsm:
+            del obsm[key]
+
+    def read_marks(self, name: str) -> np.ndarray | None:
+        """The commit marks ``uns/<name>`` (uint64, 0 = not committed), or None when there are none."""
+        root = open_zarr_group(self._url, self._storage_options, mode="r")[0]
+        if "uns" not in root or name not in root["uns"]:
+            return None
+        return np.asarray(root["uns"][name][:], dtype=np.uint64)
+
+    def create_marks(self, name: str, size: int) -> None:
+        """Create ``size`` zero commit marks ``uns/<name>``, replacing any there.
+
+        One uncompressed chunk per mark: each mark is its own file or object, written whole (zarr writes local
+        files under a temporary name and renames them; an object-store PUT is atomic), so writers of different
+        marks never touch the same object and a mark is either there or not.
+        """
+        root = open_zarr_group(self._url, self._storage_options, mode="r+")[0]
+        if "uns" in root:
+            uns = root["uns"]
+        else:
+            uns = root.create_group("uns", attributes={"encoding-type": "dict", "encoding-version": "0.1.0"})
+        if name in uns:
+            del uns[name]
+        arr = uns.create_array(name, shape=(size,), chunks=(1,), dtype=np.uint64, fill_value=0, compressors=None)
+        arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+
+    def write_mark(self, name: str, index: int, value: int) -> None:
+        """Set commit mark ``index`` of ``uns/<name>`` to ``value`` (0 removes it); see :meth:`create_marks`."""
+        location, _ = resolve_location(self._url, self._storage_options, read_only=False)
+        arr = zarr.open_array(location, path=f"uns/{name}", mode="r+")
+        arr[index] = np.uint64(value)
