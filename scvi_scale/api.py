@@ -8,6 +8,7 @@ validation rows) and ``checkpoints/last.pt``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import shutil
@@ -230,9 +231,18 @@ def _launch_workers(
         )
     if out is None:
         raise InputError("multi-worker training needs a run directory (out)")
+    # Ray keeps its checkpoints under storage_path/name: by default inside this run directory, else under a name
+    # unique to it, so a restarted worker group never picks up another run's checkpoint of the same base name
+    storage_path = tc.storage_path or str((out / "ray").resolve())
+    name = (
+        "train"
+        if tc.storage_path is None
+        else f"{out.name}-{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:8]}"
+    )
     if ckpt is None:
         _prepare_out(out, overwrite)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a restarted worker group resumes only from ours
+        shutil.rmtree(out / "ray", ignore_errors=True)
     text = str(source)
     payload = {  # absolute paths: Ray workers run in their own working directories
         "source": text
@@ -251,9 +261,9 @@ def _launch_workers(
         payload,
         gpus_per_worker=tc.gpus_per_worker,
         address=tc.address,
-        storage_path=tc.storage_path,
+        storage_path=storage_path,
         max_failures=tc.max_failures,
-        name=out.name,
+        name=name,
     )
     return load_run(out)
 
