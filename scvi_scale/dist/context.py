@@ -90,23 +90,21 @@ class DistContext:
         if self.distributed:
             dist.barrier()
 
-    def sum(self, values: list[float] | torch.Tensor) -> torch.Tensor:
-        """Element-wise sum over ranks of a float64 vector (a copy; the input is not changed)."""
+    def _reduce(self, values: list[float] | torch.Tensor, op: Any) -> torch.Tensor:
         t = torch.as_tensor(values, dtype=torch.float64).clone()
         if self.distributed:
             on = t.to(self.device) if dist.get_backend() == "nccl" else t
-            dist.all_reduce(on, op=dist.ReduceOp.SUM)
+            dist.all_reduce(on, op=op)
             t = on.cpu()
         return t
 
+    def sum(self, values: list[float] | torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks of a float64 vector (a copy; the input is not changed)."""
+        return self._reduce(values, dist.ReduceOp.SUM)
+
     def max(self, values: list[float] | torch.Tensor) -> torch.Tensor:
         """Element-wise maximum over ranks (e.g. the slowest rank's stage times)."""
-        t = torch.as_tensor(values, dtype=torch.float64).clone()
-        if self.distributed:
-            on = t.to(self.device) if dist.get_backend() == "nccl" else t
-            dist.all_reduce(on, op=dist.ReduceOp.MAX)
-            t = on.cpu()
-        return t
+        return self._reduce(values, dist.ReduceOp.MAX)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """``obj`` as rank ``src`` has it, on every rank."""

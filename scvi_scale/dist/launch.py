@@ -11,15 +11,16 @@ in the workers (a function of the installed package, never one defined in ``__ma
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from scvi_scale.store.errors import InputError
 
-__all__ = ["LAUNCHERS", "launch", "ray_storage"]
+__all__ = ["LAUNCHERS", "launch", "ray_session", "ray_storage"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,30 @@ def ray_storage(storage_path: str | None) -> tuple[str | None, Any]:
     return rest, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Use the running Ray, else start one (``address`` None/``"local"``: here; ``"auto"``/``"ray://..."``: join a
+    cluster) with our quieter defaults, and shut it down afterwards only if we started it."""
+    import ray
+
+    for key, value in _RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address in (None, "local"):
+            kwargs["num_cpus"] = os.cpu_count()
+        else:
+            kwargs["address"] = address
+        ray.init(**kwargs)
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _ray_worker(config: dict[str, Any]) -> None:
     config["entry"](config["payload"])
 
@@ -115,25 +140,13 @@ def _launch_ray(
     name: str,
 ) -> Any:
     try:
-        import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
     except ImportError as exc:
         raise InputError(
             f"--launcher ray needs Ray Train ({exc}); install the ray extra: pip install 'scvi-scale[ray]'"
         ) from None
-    for key, value in _RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    started = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if address in (None, "local"):
-            kwargs["num_cpus"] = os.cpu_count()
-        else:
-            kwargs["address"] = address
-        ray.init(**kwargs)
-        started = True
-    try:
+    with ray_session(address):
         path, fs = ray_storage(storage_path)
         use_gpu = gpus_per_worker > 0
         resources: dict[str, float] = {}
@@ -158,9 +171,6 @@ def _launch_ray(
             return trainer.fit()
         except Exception as exc:  # Ray wraps worker errors (TrainingFailedError, WorkerGroupError)
             _reraise_worker_error(str(exc), exc)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def launch(

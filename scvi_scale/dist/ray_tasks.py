@@ -7,16 +7,13 @@ writes its region again.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from scvi_scale.dist.launch import ray_session
 from scvi_scale.store.errors import InputError
 
 __all__ = ["ray_map"]
-
-# quieter Ray on small clusters and CI; set only when the user has not
-_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def _import_ray() -> Any:
@@ -69,18 +66,7 @@ def ray_map(
         Ray resubmits a task whose worker died this many times (tasks must be idempotent).
     """
     ray = _import_ray()
-    for key, value in _RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    started = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-        if address in (None, "local"):
-            kwargs["num_cpus"] = os.cpu_count()
-        else:
-            kwargs["address"] = address
-        ray.init(**kwargs)
-        started = True
-    try:
+    with ray_session(address):
         remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(fn)
         shared_ref = ray.put(shared)
         todo, running = iter(items), []
@@ -100,9 +86,6 @@ def ray_map(
                     ray.cancel(ref)
                 _reraise(exc)
             yield result
-    finally:
-        if started:
-            ray.shutdown()
 
 
 _END = object()
