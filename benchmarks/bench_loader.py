@@ -164,18 +164,16 @@ def batches_of(loader: Any, epoch: int) -> Iterator[tuple[int, np.ndarray]]:
 
 
 # -- the loaders ----------------------------------------------------------------------------------------------------
+def _our_loader(d: Data, args: argparse.Namespace) -> StoreLoader:
+    """Our StoreLoader over the training rows, with the flags' block, buffer, thread and memory settings."""
+    return StoreLoader(
+        d.store, d.codes, d.train_rows, args.batch_size, block_size=args.block_size, buffer_blocks=args.buffer_blocks,
+        seed=SEED, num_threads=args.threads, memory_budget_bytes=args.memory_budget,
+    )  # fmt: skip
+
+
 def run_scvi_scale(d: Data, args: argparse.Namespace) -> dict:
-    loader = StoreLoader(
-        d.store,
-        d.codes,
-        d.train_rows,
-        args.batch_size,
-        block_size=args.block_size,
-        buffer_blocks=args.buffer_blocks,
-        seed=SEED,
-        num_threads=args.threads,
-        memory_budget_bytes=args.memory_budget,
-    )
+    loader = _our_loader(d, args)
     rec = time_epochs(lambda e: batches_of(loader, e), args)
     t = loader.timings()
     rec.update({k: t[k] for k in ("read_s", "decode_s", "assemble_s", "idle_s")})
@@ -292,17 +290,7 @@ def run_train(d: Data, args: argparse.Namespace, source: str) -> dict:
 
     torch.set_num_threads(args.torch_threads)
     if source == "store":
-        loader = StoreLoader(
-            d.store,
-            d.codes,
-            d.train_rows,
-            args.batch_size,
-            block_size=args.block_size,
-            buffer_blocks=args.buffer_blocks,
-            seed=SEED,
-            num_threads=args.threads,
-            memory_budget_bytes=args.memory_budget,
-        )
+        loader = _our_loader(d, args)
     else:
         loader = MemoryLoader(d.x, d.codes, d.train_rows, args.batch_size, shuffle=True, seed=SEED)
     cfg = TrainConfig(progress=False, check_val_every_n_epoch=10**9, seed=SEED)
