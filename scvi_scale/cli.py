@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import logging
 import sys
@@ -11,6 +13,13 @@ from pathlib import Path
 from scvi_scale import __version__
 
 EXIT_BAD_INPUT = 2
+
+# modules that add subcommands: each has add_parsers(sub), and its parsers set_defaults(run_command=handler)
+_COMMAND_MODULES = tuple(
+    m
+    for m in ("scvi_scale.cli_tasks", "scvi_scale.cli_report", "scvi_scale.cli_rebuild")
+    if importlib.util.find_spec(m) is not None  # TODO(coordinator): drop once all three exist
+)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -249,6 +258,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    for module in _COMMAND_MODULES:  # each adds its subcommands with set_defaults(run_command=handler)
+        importlib.import_module(module).add_parsers(sub)
     return parser
 
 
@@ -361,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from scvi_scale import api
 
+    if getattr(args, "run_command", None) is not None:
+        return args.run_command(args)
     if args.command == "train":
         return _train(args)
     if args.command in ("convert", "append"):
