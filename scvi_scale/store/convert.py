@@ -6,7 +6,7 @@ are read in row blocks, never whole: each is validated with :func:`~scvi_scale.s
 every input finds the largest count, so that the store's counts are uint16 when they fit.
 
 Memory: ``memory_budget_bytes`` pays first for a Zarr writer's buffers (:func:`writer_bytes`: up to one shard
-each of ``X/data``, ``X/indices`` and ``X/indptr``, held twice while a shard is written: at most 64 MB for
+each of ``X/data``, ``X/indices`` and ``X/indptr``, allocated once: at most 32 MB for
 uint16 counts), and what is left sizes the blocks, ``BYTES_PER_ENTRY`` bytes per entry, cut at row
 boundaries. The budget also pays for the inputs' cell metadata (``obs``, held and merged: twice its size)
 and a constant ``LIBRARY_BYTES`` for the libraries' own buffers (zstd, h5py). A budget that cannot hold all
@@ -80,21 +80,20 @@ FORMATS = ("zarr", "tiledb")
 _NAME_SUFFIXES = (".h5ad", ".h5", ".zarr", ".mtx.gz", ".mtx")
 
 
-LIBRARY_BYTES = 32 << 20  # buffers of zarr, zstd and h5py during a conversion (measured with bench_store.py)
+LIBRARY_BYTES = 48 << 20  # buffers of zarr, zstd and h5py and the allocator's slack (measured: bench_store.py)
 
 
 def writer_bytes(nnz: int, n_obs: int, count_dtype: np.dtype, tail: tuple[int, int] = (0, 0)) -> int:
     """Peak bytes of :class:`~scvi_scale.store.zarr_store.CsrAppender`'s buffers for ``nnz`` entries in ``n_obs`` rows.
 
     It holds up to one shard of ``X/data`` and ``X/indices`` (``ENTRY_SHARD`` entries; int32 indices) and of
-    ``X/indptr`` (``INDPTR_SHARD`` rows), less when the store is smaller, and concatenates them before writing:
-    twice that. ``tail`` is the (entries, rows) an appended-to store already has: its last partial shard is
+    ``X/indptr`` (``INDPTR_SHARD`` rows), less when the store is smaller, in buffers allocated once. ``tail`` is the (entries, rows) an appended-to store already has: its last partial shard is
     buffered too.
     """
     shard, indptr_shard = zarr_store.ENTRY_SHARD, zarr_store.INDPTR_SHARD  # read now: tests shrink them
     entries = min(shard, tail[0] % shard + nnz)
     rows = min(indptr_shard, (tail[1] + 1) % indptr_shard + n_obs)
-    return 2 * (entries * (np.dtype(count_dtype).itemsize + 4) + rows * 8)
+    return entries * (np.dtype(count_dtype).itemsize + 4) + rows * 8
 
 
 def _size(n: int) -> str:

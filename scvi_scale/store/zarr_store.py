@@ -157,28 +157,39 @@ def create_layout(
 
 
 class _ShardedAppender:
-    """Appends to a 1-D array in whole shards; the trailing partial shard is re-read once and rewritten."""
+    """Appends to a 1-D array in whole shards through one preallocated shard buffer.
+
+    The trailing partial shard of an existing array is read back into the buffer once and rewritten whole.
+    """
 
     def __init__(self, arr: zarr.Array) -> None:
         self.arr = arr
         self.shard = int((arr.shards or arr.chunks)[0])
         self.length = int(arr.shape[0])
         self.flushed = (self.length // self.shard) * self.shard
-        tail = np.asarray(arr[self.flushed : self.length]) if self.length > self.flushed else None
-        self.pending: list[np.ndarray] = [tail] if tail is not None else []
-        self.n_pending = self.length - self.flushed
+        self.buf: np.ndarray | None = None  # allocated on first use: one shard, or less for a small array
+        self.n_pending = 0
+        if self.length > self.flushed:
+            self._take(np.asarray(arr[self.flushed : self.length]))
+
+    def _take(self, values: np.ndarray) -> None:
+        """Copy ``values`` into the buffer, writing each shard it fills."""
+        done = 0
+        while done < values.shape[0]:
+            if self.buf is None:
+                self.buf = np.empty(self.shard, dtype=self.arr.dtype)
+            n = min(self.shard - self.n_pending, values.shape[0] - done)
+            self.buf[self.n_pending : self.n_pending + n] = values[done : done + n]
+            self.n_pending += n
+            done += n
+            if self.n_pending == self.shard:
+                self._write(self.buf)
+                self.n_pending = 0
 
     def extend(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=self.arr.dtype)
-        self.pending.append(values)
-        self.n_pending += values.shape[0]
+        values = np.asarray(values)
         self.length += values.shape[0]
-        if self.n_pending >= self.shard:
-            buf = np.concatenate(self.pending)
-            n_full = (buf.shape[0] // self.shard) * self.shard
-            self._write(buf[:n_full])
-            self.pending = [buf[n_full:].copy()] if n_full < buf.shape[0] else []
-            self.n_pending = buf.shape[0] - n_full
+        self._take(values)
 
     def _write(self, values: np.ndarray) -> None:
         stop = self.flushed + values.shape[0]
@@ -188,9 +199,9 @@ class _ShardedAppender:
         self.flushed = stop
 
     def close(self) -> None:
-        if self.pending:
-            self._write(np.concatenate(self.pending))
-        self.pending, self.n_pending = [], 0
+        if self.n_pending:
+            self._write(self.buf[: self.n_pending])
+        self.n_pending, self.buf = 0, None
         self.arr.resize((self.length,))
 
 
