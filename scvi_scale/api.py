@@ -8,6 +8,7 @@ validation rows) and ``checkpoints/last.pt``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -22,7 +23,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scvi_scale.config import Config, config_from_dict, with_overrides
+from scvi_scale.config import Config, config_from_dict, load_config, parse_override, with_overrides
 from scvi_scale.data.memory import MemoryLoader, train_val_split
 from scvi_scale.dist import DistContext
 from scvi_scale.infer import writeback
@@ -31,14 +32,29 @@ from scvi_scale.model import VAE, ModelConfig
 from scvi_scale.model.fused import compile_kernels
 from scvi_scale.prep.prepare import PrepareResult, prepared_library_priors, select_genes
 from scvi_scale.prep.prepare import prepare as prepare_store
+from scvi_scale.results import (
+    Evaluation,
+    ProgressLoader,
+    plot_embedding,
+    plot_losses,
+    prepare_summary,
+    run_html,
+    run_summary,
+)
 from scvi_scale.store.errors import InputError
 from scvi_scale.store.memory import MemoryStore
 from scvi_scale.store.subset import GeneSubset
 from scvi_scale.train.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, MODEL_FORMAT, atomic_save, safe_load
-from scvi_scale.train.loop import FitResult, evaluate_elbo, fit
+from scvi_scale.train.loop import FitResult, TrainingInterrupted, evaluate_elbo, fit
 from scvi_scale.train.optim import max_epochs_heuristic
 
 log = logging.getLogger(__name__)
+
+__all__ = [  # what `import scvi_scale as ss` re-exports (scvi_scale/__init__.py)
+    "Evaluation", "Run", "TrainingInterrupted", "append", "convert", "demo", "embed", "embed_to_store", "evaluate",
+    "export_scvi_tools", "import_scvi_tools", "load_run", "open_counts", "open_store", "plot_embedding",
+    "plot_losses", "prepare", "prepare_summary", "read_embedding", "resume", "train",
+]  # fmt: skip
 
 
 @dataclass
@@ -76,6 +92,31 @@ class Run:
             f"likelihood={self.config.model.gene_likelihood!r}{last})"
         )
 
+    def summary(self, last: int = 5) -> str:
+        """Where the run is, what it was trained on and its last ``last`` epochs' metrics, as text."""
+        return run_summary(self, last)
+
+    def _repr_html_(self) -> str:  # what a notebook shows for a Run
+        return run_html(self)
+
+    def plot_losses(self, path: str | Path | None = None, title: str | None = None):
+        """The training curves (ELBO, loss, reconstruction, KL, KL weight per epoch) as a matplotlib Figure.
+
+        Examples
+        --------
+        >>> ss.load_run("runs/a").plot_losses()  # doctest: +SKIP
+        <Figure size 1600x480 with 5 Axes>
+        """
+        return plot_losses(self, path=path, title=title)
+
+    def embed(self, data: Any, **options: Any):
+        """:func:`embed` with this run."""
+        return embed(self, data, **options)
+
+    def evaluate(self, data: Any, **options: Any) -> Evaluation:
+        """:func:`evaluate` with this run."""
+        return evaluate(self, data, **options)
+
     def model_meta(self) -> dict[str, Any]:
         return {
             "var_names": list(self.var_names),
@@ -91,6 +132,11 @@ def open_counts(data: Any, layer: str | None = None, drop_empty_cells: bool = Fa
 
     ``.h5ad`` files and AnnData objects are read into a validated :class:`MemoryStore`; Zarr and TileDB
     stores stay on disk (or in object storage) and are read minibatch by minibatch.
+
+    Examples
+    --------
+    >>> open_counts("atlas.zarr")  # doctest: +SKIP
+    ZarrStore('atlas.zarr', n_obs=1200000, n_vars=36601, nnz=2400000000)
     """
     if hasattr(data, "read_rows") and hasattr(data, "batch_codes"):
         return data
@@ -105,8 +151,149 @@ def open_counts(data: Any, layer: str | None = None, drop_empty_cells: bool = Fa
     raise InputError(f"cannot read counts from {type(data).__name__}; pass an .h5ad/.zarr/.tiledb path or an AnnData")
 
 
+def open_store(
+    path_or_url: str | os.PathLike[str],
+    *,
+    layer: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    drop_empty_cells: bool = False,
+) -> Any:
+    """Open a count store for reading: ``*.zarr`` or ``*.tiledb`` (local path or ``s3://`` URL), or an ``.h5ad``.
+
+    Parameters
+    ----------
+    path_or_url
+        The store. An ``s3://`` URL takes its endpoint, region and keys from ``AWS_ENDPOINT_URL``,
+        ``AWS_REGION``, ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``, unless ``storage_options`` says.
+    layer, drop_empty_cells
+        For an ``.h5ad`` (read whole into memory): the layer of raw counts; drop cells with no counts.
+    storage_options
+        ``endpoint_url``, ``region``, ``key``, ``secret``, ``anon``, ``backend`` (see
+        :func:`scvi_scale.store.open.open_store`).
+
+    Examples
+    --------
+    >>> store = open_store("s3://bucket/atlas.zarr")  # doctest: +SKIP
+    >>> store.n_obs, store.n_vars, list(store.obs.columns)  # doctest: +SKIP
+    (1200000, 36601, ['batch', 'cell_type'])
+    """
+    from scvi_scale.store.open import open_store as _open
+
+    return _open(path_or_url, layer=layer, storage_options=storage_options, drop_empty_cells=drop_empty_cells)
+
+
+_SIZE_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``512M``, ``2G``, ``1.5GiB`` or a plain number."""
+    if isinstance(size, int):
+        return size
+    t = str(size).strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        return int(float(t[:-1]) * _SIZE_UNITS[t[-1]]) if t and t[-1] in _SIZE_UNITS else int(t)
+    except ValueError:
+        raise InputError(f"{size!r} is not a size like 512M or 2G") from None
+
+
+def convert(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    batch_key: str | None = None,
+    batch_per_file: bool = False,
+    layer: str | None = None,
+    genes: str | os.PathLike[str] = "union",
+    memory: int | str = "1G",
+    overwrite: bool = False,
+    progress: bool = True,
+    drop_empty_cells: bool = False,
+    store_format: str | None = None,
+    var_names: str = "gene_symbols",
+    storage_options: dict[str, Any] | None = None,
+) -> Any:
+    """Stream inputs into a new count store (Zarr v3 or TileDB), local or in object storage; bounded memory.
+
+    Parameters
+    ----------
+    inputs
+        ``.h5ad`` files, AnnData ``.zarr`` stores, 10x ``.h5`` files or 10x ``matrix.mtx`` folders (mixed
+        freely), stacked in the order given.
+    out
+        The store to create: ``atlas.zarr``, ``atlas.tiledb`` or a URL such as ``s3://bucket/atlas.zarr``.
+    batch_key, batch_per_file
+        An obs column every input has (the batch), or each input its own batch (column ``batch``).
+    layer
+        AnnData inputs: the layer holding raw counts.
+    genes
+        ``"union"``, ``"intersection"`` or a file with one gene name per line.
+    memory
+        Budget of the writer's buffers and row blocks: bytes or ``"512M"``, ``"2G"``.
+    overwrite, progress, drop_empty_cells
+        Replace an existing store; show progress bars; drop cells with no counts instead of stopping.
+    store_format, var_names, storage_options
+        ``"zarr"``/``"tiledb"`` (default from the name); 10x gene names (``"gene_symbols"`` or ``"gene_ids"``);
+        object-store options (default: the ``AWS_*`` environment).
+
+    Returns
+    -------
+    ZarrStore or TileDBStore
+        The new store, opened; its repr gives cells, genes and stored counts.
+
+    Examples
+    --------
+    >>> convert(["s1.h5ad", "s2.h5ad"], "s3://bucket/atlas.zarr", batch_per_file=True)  # doctest: +SKIP
+    ZarrStore('s3://bucket/atlas.zarr', n_obs=20000, n_vars=33538, nnz=41000000)
+    """
+    from scvi_scale.store.convert import convert as _convert
+
+    return _convert(
+        inputs, out, batch_key=batch_key, batch_per_file=batch_per_file, layer=layer, genes=genes,
+        memory_budget_bytes=parse_size(memory), overwrite=overwrite, progress=progress,
+        drop_empty_cells=drop_empty_cells, store_format=store_format, var_names=var_names,
+        storage_options=storage_options,
+    )  # fmt: skip
+
+
+def append(
+    store: str | os.PathLike[str],
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    batch_key: str | None = None,
+    batch_per_file: bool = False,
+    layer: str | None = None,
+    memory: int | str = "1G",
+    progress: bool = True,
+    drop_empty_cells: bool = False,
+    var_names: str = "gene_symbols",
+) -> Any:
+    """Add the cells of more inputs at the end of a local Zarr store; existing rows keep their place.
+
+    A store prepared before must be prepared again (training refuses a stale ``prepare``). Parameters as in
+    :func:`convert`.
+
+    Examples
+    --------
+    >>> append("atlas.zarr", ["s3.h5ad"], batch_per_file=True)  # doctest: +SKIP
+    ZarrStore('atlas.zarr', n_obs=30000, n_vars=33538, nnz=61000000)
+    """
+    from scvi_scale.store.convert import append as _append
+
+    return _append(
+        store, inputs, batch_key=batch_key, batch_per_file=batch_per_file, layer=layer,
+        memory_budget_bytes=parse_size(memory), progress=progress, drop_empty_cells=drop_empty_cells,
+        var_names=var_names,
+    )  # fmt: skip
+
+
 def prepare(
-    data: Any, n_top_genes: int = 2000, batch_key: str | None = None, *, progress: bool = False, **options: Any
+    data: Any,
+    n_top_genes: int = 2000,
+    batch_key: str | None = None,
+    *,
+    progress: bool = True,
+    require_store: bool = False,
+    **options: Any,
 ) -> PrepareResult:
     """Highly variable genes (scanpy's seurat_v3 on counts), gene statistics and library priors, out of core.
 
@@ -122,6 +309,8 @@ def prepare(
         As in ``scanpy.pp.highly_variable_genes(flavor="seurat_v3")``.
     progress
         Show a progress bar per pass over the store.
+    require_store
+        Refuse counts held in memory (an ``.h5ad``, an AnnData), whose results would be recorded nowhere.
     options
         ``span``, ``block_rows``, ``num_workers``, ``record`` of :func:`scvi_scale.prep.prepare.prepare`.
 
@@ -129,8 +318,17 @@ def prepare(
     --------
     >>> prepare("atlas.zarr", n_top_genes=2000, batch_key="batch")  # doctest: +SKIP
     PrepareResult('atlas.zarr', 2000 HVGs of 36601 genes, seurat_v3, batch_key='batch' (12 batches), ...)
+    >>> print(prepare_summary(_))  # doctest: +SKIP
+    atlas.zarr: 2000 highly variable genes of 36601 (seurat_v3, ranked in 12 batches of 'batch')
+    ...
     """
-    return prepare_store(open_counts(data), n_top_genes, batch_key, progress=progress, **options)
+    store = open_counts(data)
+    if require_store and isinstance(store, MemoryStore):
+        raise InputError(
+            f"{store.source}: prepare records its results in a count store; convert the file first: "
+            f"scvi-scale convert {store.source} --out STORE.zarr"
+        )
+    return prepare_store(store, n_top_genes, batch_key, progress=progress, **options)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -139,14 +337,71 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _hint_on_interrupt(func: Any) -> Any:
+    """Re-raise a :class:`TrainingInterrupted` from ``func`` (:func:`train`) saying how to resume, with its data."""
+
+    @functools.wraps(func)
+    def wrapper(source: Any = None, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(source, *args, **kwargs)
+        except TrainingInterrupted as err:
+            if err.run_dir is None:
+                raise
+            raise err.with_hint(_resume_hint(source, err.checkpoint)) from None
+
+    return wrapper
+
+
+def _source_text(source: Any) -> str | None:
+    """A path (absolute) or URL the data can be reopened from in another session; None for objects in memory."""
+    if not isinstance(source, str | os.PathLike):
+        return None
+    text = os.fspath(source)
+    return text if "://" in text and not text.startswith("file://") else os.path.abspath(text.removeprefix("file://"))
+
+
+def _resume_hint(source: Any, ckpt: Path) -> str:
+    run_dir = ckpt.parent.parent
+    if source is None:
+        source = safe_load(ckpt, CHECKPOINT_FORMAT).get("source")
+    if isinstance(source, str | os.PathLike):
+        src = os.fspath(source)
+        return (
+            f"ss.train({src!r}, {str(run_dir)!r}, resume={str(run_dir)!r}) in Python (or ss.resume({str(run_dir)!r})), "
+            f"or on the command line: scvi-scale train {src} --out {run_dir} --resume {run_dir}"
+        )
+    return f"ss.train(<the same data>, {str(run_dir)!r}, resume={str(run_dir)!r}) in Python"
+
+
+def _file_and_overrides(
+    config: Config | str | Path | None, overrides: Sequence[str], sections: dict[str, Any]
+) -> tuple[Config | None, dict[str, Any]]:
+    """A config given as a YAML path is loaded; dotted overrides join the keyword sections (they win)."""
+    if isinstance(config, str | os.PathLike):
+        config = load_config(config)
+    sections = {k: dict(v or {}) for k, v in sections.items()}
+    for item in overrides:
+        key, value = parse_override(item)
+        section, _, name = key.partition(".")
+        if not name:
+            raise InputError(f"override {item!r} must look like section.key=value, e.g. train.max_epochs=20")
+        sections.setdefault(section, {})[name] = value
+    return config, sections
+
+
+@_hint_on_interrupt
 def train(
-    source: Any,
-    out: str | Path | None,
-    config: Config | None = None,
+    source: Any = None,
+    out: str | Path | None = None,
+    config: Config | str | Path | None = None,
     *,
     resume: str | Path | None = None,
     overwrite: bool = False,
     device: str | None = None,
+    overrides: Sequence[str] = (),
+    init_from: str | Path | None = None,
+    init_weights: bool = True,
+    exclude_rows: np.ndarray | None = None,
     **sections: dict[str, Any],
 ) -> Run:
     """Train scVI on counts and write a run directory.
@@ -155,15 +410,25 @@ def train(
     ----------
     source
         An ``.h5ad`` path (raw counts in ``X`` or ``config.data.layer``), a ``.zarr``/``.tiledb`` store path or
-        URL, an AnnData or a store object.
+        URL, an AnnData or a store object. With ``resume`` it may be left out: the run's own data are used.
     out
         Run directory to create (None: train in memory only; multi-worker runs need one).
     config
-        The config tree; keyword sections override it, e.g. ``train={"max_epochs": 20}``.
+        The config tree (a :class:`Config`, or the path of a YAML file as ``scvi-scale train --config`` takes);
+        keyword sections override it, e.g. ``train={"max_epochs": 20}``, and ``overrides`` those.
     resume
-        A checkpoint file or a run directory to continue from; the saved config is used.
+        A checkpoint file or a run directory to continue from; the saved config is used (a new
+        ``train={"max_epochs": ...}``, ``workers`` or ``launcher`` is allowed).
     device
         ``"cpu"`` or ``"cuda"``; default CPU.
+    overrides
+        Dotted ``section.key=value`` entries, as ``scvi-scale train --set``: ``["model.n_latent=20"]``.
+    init_from
+        A run directory to start from (a warm start): the model trains on that run's genes (by name), and, with
+        ``init_weights``, starts from its weights, with columns added for batches it did not know
+        (:mod:`scvi_scale.model.surgery`). A resumed run takes its weights from the checkpoint instead.
+    exclude_rows
+        Rows never used for training or validation (a held-out set); the split is drawn from the others.
 
     Notes
     -----
@@ -181,18 +446,34 @@ def train(
     --------
     >>> run = train("atlas.h5ad", "runs/a", data={"batch_key": "batch"}, train={"max_epochs": 20})  # doctest: +SKIP
     >>> run = train("s3://bucket/atlas.zarr", "runs/b", train={"workers": 2, "launcher": "ray"})  # doctest: +SKIP
+    >>> run = train("atlas.zarr", "runs/c", "cfg.yaml", overrides=["model.n_latent=20"])  # doctest: +SKIP
+
+    Interrupting it (Ctrl-C, or a notebook's stop button) stops at the next minibatch, writes a checkpoint and
+    raises :class:`~scvi_scale.train.loop.TrainingInterrupted`, whose message says how to go on:
+
+    >>> run = train("atlas.zarr", "runs/c", resume="runs/c")  # doctest: +SKIP
     """
+    config, sections = _file_and_overrides(config, overrides, sections)
     config, ckpt, out = _resolve_run_config(config, resume, out, sections)
+    if source is None:
+        source = _saved_source(ckpt)
     tc = config.train
+    start = None  # how to start: picklable, for launched workers
+    if init_from is not None or exclude_rows is not None:
+        start = {
+            "init_from": os.path.abspath(init_from) if init_from is not None else None,
+            "init_weights": bool(init_weights),
+            "exclude_rows": None if exclude_rows is None else np.unique(np.asarray(exclude_rows, dtype=np.int64)),
+        }
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank (or a worker our launchers started)
-        return _train_ranked(source, out, config, ckpt, overwrite, device)
+        return _train_ranked(source, out, config, ckpt, overwrite, device, start)
     if tc.launcher == "torchrun":
         raise InputError(
             "train.launcher=torchrun: start the ranks with `torchrun --nproc_per_node N -m scvi_scale train ...`"
         )
     if tc.workers > 1 or tc.launcher == "ray":
-        return _launch_workers(source, out, config, ckpt, overwrite, device)
-    return _train_process(DistContext.single(device or "cpu"), source, out, config, ckpt, overwrite)
+        return _launch_workers(source, out, config, ckpt, overwrite, device, start)
+    return _train_process(DistContext.single(device or "cpu"), source, out, config, ckpt, overwrite, start=start)
 
 
 def _resolve_run_config(
@@ -215,12 +496,51 @@ def _resolve_run_config(
     return config, ckpt, Path(out) if out is not None else ckpt.parent.parent
 
 
-_RESUME_OVERRIDES = ("max_epochs", "workers", "launcher", "gpus_per_worker", "address", "storage_path", "progress")
+def _saved_source(ckpt: Path | None) -> str:
+    """The data a checkpointed run was trained on, as it recorded them (a path or URL)."""
+    saved = safe_load(ckpt, CHECKPOINT_FORMAT).get("source") if ckpt is not None else None
+    if saved is None:
+        raise InputError(
+            "no data given: pass the counts to train on"
+            + (f" (the checkpoint {ckpt} does not record where its data are)" if ckpt is not None else "")
+        )
+    return str(saved)
+
+
+def resume(
+    run_dir: str | Path,
+    data: Any = None,
+    *,
+    max_epochs: int | None = None,
+    workers: int | None = None,
+    launcher: str | None = None,
+    device: str | None = None,
+    progress: bool | None = None,
+) -> Run:
+    """Continue a run from its last checkpoint (after an interruption, or to train longer).
+
+    Same as ``train(data, run_dir, resume=run_dir, train={...})``: the run's saved config is used; ``data``
+    defaults to the path or URL the run was trained on. It resumes mid-epoch exactly where it stopped: no cell
+    repeated or skipped, the same weights as an uninterrupted run.
+
+    Examples
+    --------
+    >>> run = resume("runs/a")  # doctest: +SKIP
+    >>> run = resume("runs/a", max_epochs=100)  # train on to 100 epochs  # doctest: +SKIP
+    """
+    over = {"max_epochs": max_epochs, "workers": workers, "launcher": launcher, "progress": progress}
+    return train(data, run_dir, resume=run_dir, device=device, train={k: v for k, v in over.items() if v is not None})
+
+
+_RESUME_OVERRIDES = (
+    "max_epochs", "workers", "launcher", "gpus_per_worker", "cpus_per_worker", "address", "storage_path", "progress",
+)  # fmt: skip
 
 
 def _launch_workers(
-    source: Any, out: Path | None, config: Config, ckpt: Path | None, overwrite: bool, device: str | None
-) -> Run:
+    source: Any, out: Path | None, config: Config, ckpt: Path | None, overwrite: bool, device: str | None,
+    start: dict[str, Any] | None = None,
+) -> Run:  # fmt: skip
     """Start ``train.workers`` processes (local spawn or Ray) that each run :func:`_train_worker`."""
     from scvi_scale.dist.launch import launch
 
@@ -253,6 +573,7 @@ def _launch_workers(
         "resume": str(ckpt) if ckpt is not None else None,
         "device": device,
         "ray": tc.launcher == "ray",
+        "start": start,
     }
     launch(
         tc.launcher,
@@ -260,6 +581,7 @@ def _launch_workers(
         _train_worker,
         payload,
         gpus_per_worker=tc.gpus_per_worker,
+        cpus_per_worker=tc.cpus_per_worker,
         address=tc.address,
         storage_path=storage_path,
         max_failures=tc.max_failures,
@@ -279,14 +601,16 @@ def _train_worker(payload: dict[str, Any]) -> None:
         ckpt = restored_checkpoint(out)  # a checkpoint Ray kept in its storage (another node's disk, S3)
     ctx = DistContext.from_env(payload["device"])
     try:
-        _train_process(ctx, payload["source"], out, config_from_dict(payload["config"]), ckpt, True, launched=True)
+        config = config_from_dict(payload["config"])
+        _train_process(ctx, payload["source"], out, config, ckpt, True, launched=True, start=payload.get("start"))
     finally:
         ctx.shutdown()
 
 
 def _train_ranked(
-    source: Any, out: Path | None, config: Config, ckpt: Path | None, overwrite: bool, device: str | None
-) -> Run:
+    source: Any, out: Path | None, config: Config, ckpt: Path | None, overwrite: bool, device: str | None,
+    start: dict[str, Any] | None = None,
+) -> Run:  # fmt: skip
     """A torchrun rank: join the process group, rank 0 prepares the run directory, all train."""
     ctx = DistContext.from_env(device)
     try:
@@ -299,7 +623,7 @@ def _train_ranked(
         error = ctx.broadcast_object(error)
         if error is not None:
             raise InputError(error)
-        return _train_process(ctx, source, out, config, ckpt, overwrite, launched=True)
+        return _train_process(ctx, source, out, config, ckpt, overwrite, launched=True, start=start)
     finally:
         ctx.shutdown()
 
@@ -344,6 +668,7 @@ def _train_process(
     ckpt: Path | None,
     overwrite: bool,
     launched: bool = False,
+    start: dict[str, Any] | None = None,
 ) -> Run:
     """Train in this process (one rank of ``ctx``); rank 0 writes the run directory."""
     saved = safe_load(ckpt, CHECKPOINT_FORMAT) if ckpt is not None else None
@@ -356,7 +681,11 @@ def _train_process(
     genes = dc.genes
     if saved is not None and genes == "auto" and [str(v) for v in store.var_names] == saved["meta"]["var_names"]:
         genes = "all"  # a run begun on all genes resumes on all genes, even if the store was prepared since
-    store, prepared = select_genes(store, genes)
+    init = load_run(start["init_from"]) if start and start.get("init_from") else None
+    if init is not None:  # a warm start, or a retrain on the same genes: the earlier run's genes, by name
+        store, prepared = _genes_by_name(store, init.var_names), None
+    else:
+        store, prepared = select_genes(store, genes)
     if saved is not None and [str(v) for v in store.var_names] != list(saved["meta"]["var_names"]):
         raise InputError(f"cannot resume {ckpt} on {store.source}: its genes differ from the checkpoint's")
     n_batch = len(categories)
@@ -366,10 +695,12 @@ def _train_process(
         priors = prepared_library_priors(prepared, dc.batch_key, categories, gene_set)
         lib_means, lib_vars = priors if priors is not None else store.library_log_stats(codes, n_batch)
     split_seed = tc.seed if dc.shuffle_seed is None else dc.shuffle_seed
-    train_rows, val_rows = train_val_split(store.n_obs, dc.train_size, split_seed, dc.batch_size)
+    train_rows, val_rows = _split_rows(store.n_obs, dc, split_seed, start["exclude_rows"] if start else None)
     max_epochs = tc.max_epochs or max_epochs_heuristic(store.n_obs)
     torch.manual_seed(tc.seed)  # the initial weights depend on the seed only
     model = VAE(store.n_vars, n_batch, config.model, lib_means, lib_vars)
+    if init is not None and start["init_weights"] and saved is None:
+        _warm_start(model, init, categories)
     run = Run(out, model, config, [str(v) for v in store.var_names], dc.batch_key, list(categories), dc.layer,
               max_epochs)  # fmt: skip
     if run.path is not None and ctx.is_main:
@@ -396,7 +727,7 @@ def _train_process(
         max_epochs,
         run_dir=run.path,
         resume_from=ckpt,
-        extra_state={"config": config.to_dict(), "meta": run.model_meta()},
+        extra_state={"config": config.to_dict(), "meta": run.model_meta(), "source": _source_text(source)},
         device=ctx.device,
         on_epoch_end=hooks,
         dist=ctx,
@@ -405,6 +736,37 @@ def _train_process(
     if run.path is not None and ctx.is_main:
         save_model(run)
     return run
+
+
+def _genes_by_name(store: Any, names: Sequence[str]) -> Any:
+    """``store`` read through the genes ``names`` (in that order); the store itself when they are all its genes."""
+    column = {str(g): j for j, g in enumerate(store.var_names)}
+    missing = [g for g in names if g not in column]
+    if missing:
+        raise InputError(f"{store.source}: lacks {len(missing)} genes of the run to start from, e.g. {missing[0]!r}")
+    idx = [column[g] for g in names]
+    return store if idx == list(range(store.n_vars)) else GeneSubset(store, idx)
+
+
+def _split_rows(n_obs: int, dc: Any, seed: int, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation rows, drawn from the rows not in ``exclude`` (a held-out set) as from all rows."""
+    if exclude is None:
+        return train_val_split(n_obs, dc.train_size, seed, dc.batch_size)
+    kept = np.setdiff1d(np.arange(n_obs, dtype=np.int64), exclude)
+    train_idx, val_idx = train_val_split(kept.size, dc.train_size, seed, dc.batch_size)
+    return kept[train_idx], kept[val_idx]
+
+
+def _warm_start(model: VAE, init: Run, categories: Sequence[str]) -> None:
+    """Load ``init``'s weights into ``model``, with the batch covariates extended to ``categories``."""
+    from scvi_scale.model.surgery import transfer_weights
+
+    try:
+        transfer_weights(init.model, init.batch_categories, model, [str(c) for c in categories])
+    except ValueError as err:
+        raise InputError(f"cannot start from {init.path}: {err}") from None
+    log.info("starting from %s (%d of %d batches new)", init.path, len(set(categories) - set(init.batch_categories)),
+             len(categories))  # fmt: skip
 
 
 def save_model(run: Run) -> Path:
@@ -425,7 +787,15 @@ def save_model(run: Run) -> Path:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Load a run directory written by :func:`train` or :func:`import_scvi_tools` (model in eval mode)."""
+    """Load a run directory written by :func:`train` or :func:`import_scvi_tools` (model in eval mode).
+
+    Examples
+    --------
+    >>> run = load_run("runs/a")  # doctest: +SKIP
+    >>> print(run.summary())  # doctest: +SKIP
+    path     runs/a
+    ...
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "model.pt").is_file():
         raise InputError(f"{run_dir} has no model.pt; pass a run directory written by `scvi-scale train`")
@@ -494,21 +864,58 @@ def _counts_for_loader(store: Any) -> Any:
     return store.X if isinstance(store, MemoryStore) else store
 
 
-def embed(run: Run | str | Path, data: Any, out: str | Path | None = None, batch_size: int = 1024):
+def embed(
+    run: Run | str | Path,
+    data: Any,
+    out: str | Path | None = None,
+    batch_size: int = 1024,
+    *,
+    counts: bool = True,
+    progress: bool = True,
+):
     """Posterior mean of z for every cell (``obsm["X_scvi"]``); writes an ``.h5ad`` when ``out`` is given.
 
-    Returns an AnnData with the input's obs, the model's genes as var, ``obsm["X_scvi"]`` (posterior mean) and
-    ``obsm["X_scvi_var"]`` (posterior variance); ``X`` holds the counts only when the data were in memory
-    (an ``.h5ad`` or AnnData), never when they come from an out-of-core store.
+    Parameters
+    ----------
+    run
+        A :class:`Run` or a run directory.
+    data
+        The cells to embed: a store (path, URL or opened), an ``.h5ad`` or an AnnData, with the run's genes (a
+        store with more genes, e.g. all genes of a run trained on HVGs, is read on the run's genes by name).
+    out
+        Also write the result as an ``.h5ad`` here.
+    counts
+        Carry the counts along as ``X`` when the data are in memory; ``False`` never does (a light view).
+    progress
+        A progress bar (cells) in the terminal or the notebook.
+
+    Returns
+    -------
+    anndata.AnnData
+        The input's obs, the model's genes as var, ``obsm["X_scvi"]`` (posterior mean) and ``obsm["X_scvi_var"]``
+        (posterior variance). ``X`` holds the counts only when the data were in memory (an ``.h5ad`` or AnnData)
+        and ``counts`` is true; from an out-of-core store it is ``None``: an AnnData view of obs and obsm that
+        scanpy can plot and neighbour, with no counts loaded.
+
+    Examples
+    --------
+    >>> adata = embed("runs/a", "s3://bucket/atlas.zarr")  # doctest: +SKIP
+    >>> adata  # doctest: +SKIP
+    AnnData object with n_obs x n_vars = 1200000 x 2000
+        obs: 'batch', 'cell_type'
+        uns: 'scvi_scale'
+        obsm: 'X_scvi', 'X_scvi_var'
+    >>> sc.pp.neighbors(adata, use_rep="X_scvi")  # doctest: +SKIP
     """
     import anndata
 
     run = load_run(run) if not isinstance(run, Run) else run
     store, loader = _aligned_loader(run, data, batch_size)
-    mean, var, _ = latent_representation(run.model, loader)
+    bar = ProgressLoader(loader, progress, "embed", int(store.n_obs))
+    mean, var, _ = latent_representation(run.model, bar)
     # counts are copied along only from in-memory data; from a store the output holds obs, var and obsm
-    counts = _counts_for_loader(store)
-    counts = counts if sp.issparse(counts) else None
+    held = _counts_for_loader(store) if counts else None
+    counts = held if sp.issparse(held) else None
     adata = anndata.AnnData(X=counts, obs=store.obs.copy(), var=pd.DataFrame(index=pd.Index(run.var_names)))
     adata.obsm["X_scvi"] = mean.astype(np.float32)
     adata.obsm["X_scvi_var"] = var.astype(np.float32)
@@ -522,26 +929,109 @@ def embed(run: Run | str | Path, data: Any, out: str | Path | None = None, batch
     return adata
 
 
-def evaluate(run: Run | str | Path, data: Any, batch_size: int = 1024) -> dict[str, float]:
+def evaluate(run: Run | str | Path, data: Any, batch_size: int = 1024) -> Evaluation:
     """Per-cell negative ELBO and its parts over all cells of ``data``, KL weight 1, eval mode.
 
     Same definitions as scvi-tools' ``elbo_validation`` family: ``elbo = reconstruction_loss + kl_local``
     (``kl_global`` is 0 for scVI); lower is better.
+
+    Returns
+    -------
+    Evaluation
+        A ``dict`` (``n_cells``, ``elbo``, ``reconstruction_loss``, ``kl_local``, ``kl_global``) that prints
+        as one line; ``json.dumps`` takes it as it is.
+
+    Examples
+    --------
+    >>> evaluate("runs/a", "atlas.zarr")  # doctest: +SKIP
+    Evaluation(n_cells=600, elbo=312.4050: reconstruction_loss=301.2210 + kl_local=11.1840)
     """
     run = load_run(run) if not isinstance(run, Run) else run
     _, loader = _aligned_loader(run, data, batch_size)
     raw = evaluate_elbo(run.model, loader, kl_weight=1.0, prefix="m")
-    return {
-        "n_cells": int(raw["m/n_obs"]),
-        "elbo": raw["m/elbo"],
-        "reconstruction_loss": raw["m/reconstruction_loss"],
-        "kl_local": raw["m/kl_local"],
-        "kl_global": 0.0,
-    }
+    return Evaluation(
+        n_cells=int(raw["m/n_obs"]),
+        elbo=raw["m/elbo"],
+        reconstruction_loss=raw["m/reconstruction_loss"],
+        kl_local=raw["m/kl_local"],
+        kl_global=0.0,
+    )
+
+
+def read_embedding(store: Any, storage_options: dict[str, Any] | None = None):
+    """The embedding :func:`embed_to_store` wrote into a store, as an AnnData of obs and obsm (no counts loaded).
+
+    Parameters
+    ----------
+    store
+        A ``.zarr``/``.tiledb`` store: path, URL or opened.
+    storage_options
+        Object-store options for a URL (default: the ``AWS_*`` environment).
+
+    Returns
+    -------
+    anndata.AnnData
+        ``X=None``, the store's obs and genes, and every output of its complete embedding
+        (``obsm["X_scvi"]``, and ``X_scvi_var``, ``X_scvi_library`` when they were written).
+
+    Examples
+    --------
+    >>> embed_to_store("runs/a", "s3://bucket/atlas.zarr")  # doctest: +SKIP
+    >>> read_embedding("s3://bucket/atlas.zarr").obsm["X_scvi"].shape  # doctest: +SKIP
+    (1200000, 10)
+    """
+    import anndata
+
+    from scvi_scale.infer.writeback import MANIFEST
+
+    opened = open_store(store, storage_options=storage_options) if isinstance(store, str | os.PathLike) else store
+    manifest = dict(getattr(opened, "metadata", {}) or {}).get(MANIFEST) or {}
+    if not manifest.get("complete"):
+        raise InputError(
+            f"{opened.source}: no complete embedding in the store; write one with "
+            f"embed_to_store(run, {str(opened.source)!r}) (or `scvi-scale embed RUN STORE`)"
+        )
+    adata = anndata.AnnData(obs=opened.obs.copy(), var=pd.DataFrame(index=pd.Index([str(v) for v in opened.var_names])))
+    for key in manifest["keys"].values():
+        adata.obsm[key] = opened.read_obsm(key)
+    uns = {"run": str(manifest.get("run")), "model_hash": str(manifest.get("model_hash", ""))}
+    batch_key = (manifest.get("config") or {}).get("data", {}).get("batch_key")
+    adata.uns["scvi_scale"] = {**uns, "batch_key": batch_key or ""}
+    return adata
+
+
+def demo(
+    out: str | Path = "scvi_scale_demo",
+    n_cells: int = 10_000,
+    n_genes: int = 2_000,
+    epochs: int = 30,
+    seed: int = 0,
+    *,
+    progress: bool = True,
+    view: str = "auto",
+) -> dict[str, Any]:
+    """The main job end to end on the built-in synthetic atlas: generate, train, embed, report (``scvi-scale demo``).
+
+    Returns the report (also ``out/report/metrics.json``); see :mod:`scvi_scale.demo`.
+
+    Examples
+    --------
+    >>> demo("demo_out", n_cells=2000, epochs=10)["summary"]["held_out_elbo"]  # doctest: +SKIP
+    412.7
+    """
+    from scvi_scale.demo import run_demo
+
+    return run_demo(Path(out), n_cells=n_cells, n_genes=n_genes, epochs=epochs, seed=seed, progress=progress, view=view)
 
 
 def import_scvi_tools(src: str | Path, out: str | Path, overwrite: bool = False) -> Run:
-    """Turn a directory saved by scvi-tools' ``SCVI.save`` into a run directory."""
+    """Turn a directory saved by scvi-tools' ``SCVI.save`` into a run directory.
+
+    Examples
+    --------
+    >>> run = import_scvi_tools("path/to/scvi_model", "runs/imported")  # doctest: +SKIP
+    >>> adata = embed(run, "atlas.zarr")  # doctest: +SKIP
+    """
     from scvi_scale.model.scvi_tools_io import complete_model_kwargs, read_scvi_tools
 
     st = read_scvi_tools(src)
@@ -575,7 +1065,13 @@ def import_scvi_tools(src: str | Path, out: str | Path, overwrite: bool = False)
 
 
 def export_scvi_tools(run: Run | str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a directory that ``scvi.model.SCVI.load(out, adata=...)`` accepts."""
+    """Write a directory that ``scvi.model.SCVI.load(out, adata=...)`` accepts.
+
+    Examples
+    --------
+    >>> export_scvi_tools("runs/a", "exported")  # doctest: +SKIP
+    >>> scvi.model.SCVI.load("exported", adata=adata)  # doctest: +SKIP
+    """
     from scvi_scale.model.scvi_tools_io import ScviToolsModel, write_scvi_tools
 
     run = load_run(run) if not isinstance(run, Run) else run
@@ -645,8 +1141,6 @@ def embed_to_store(
     """
     import time
 
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     outputs = _embed_outputs(outputs)
     if launcher not in ("local", "ray"):
@@ -673,6 +1167,22 @@ def embed_to_store(
         storage_options=storage_options,
     )
     record = {"run": str(run.path) if run.path is not None else None, "config": run.config.to_dict()}
+    return _write_regions(run, target, view, loader, job, record, launcher=launcher, workers=workers, address=address,
+                          threads=threads, device=device, progress=progress, started=started, desc="embed")  # fmt: skip
+
+
+def _write_regions(run: Run, target: Any, view: Any, loader: MemoryLoader, job: writeback.EmbedJob,
+                   record: dict[str, Any], *, launcher: str, workers: int, address: str | None, threads: int | None,
+                   device: str, progress: bool, started: float, desc: str) -> writeback.EmbedSummary:  # fmt: skip
+    """Begin ``job`` on ``target``, write its pending regions (here, on spawned processes or Ray tasks), finish.
+
+    Shared by :func:`embed_to_store` and the per-cell outputs of :mod:`scvi_scale.analysis` (``job`` decides what
+    a region holds, where its marks and manifest live).
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
     state = writeback.begin(target, job, record)
     if state.replaced:
         log.info("%s: replacing the embedding of model %s", target.source, state.replaced[:12])
@@ -693,9 +1203,8 @@ def embed_to_store(
         codes = loader.batch_codes
         done = ((r, writeback.write_region(target, view, codes, run.model, job, r, prior)) for r, prior in items)
     written = 0
-    with tqdm(
-        total=cells, unit="cells", unit_scale=True, desc=f"embed {Path(url).name}", disable=not progress or not cells
-    ) as bar:
+    name = f"{desc} {Path(job.store_url).name}"
+    with tqdm(total=cells, unit="cells", unit_scale=True, desc=name, disable=not progress or not cells) as bar:
         for _, n in done:
             written += 1
             bar.update(n)
@@ -734,8 +1243,11 @@ def _region_store(store: Any, storage_options: dict[str, Any] | None, launcher: 
         url = (
             text if "://" in text and not text.startswith("file://") else os.path.abspath(text.removeprefix("file://"))
         )
-        from scvi_scale.store.open import open_store
-
+        if text.rstrip("/").lower().endswith(".h5ad"):  # refused before an .h5ad is read whole
+            raise InputError(
+                f"{text}: embeddings are written back into .zarr/.tiledb stores; for an .h5ad write a new file: "
+                "embed(run, data, out=NEW.h5ad), or scvi-scale embed RUN DATA --out NEW.h5ad"
+            )
         target = open_store(url, storage_options=storage_options)
     else:
         target, url = store, str(store.source)

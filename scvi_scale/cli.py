@@ -1,4 +1,8 @@
-"""The ``scvi-scale`` command: a thin layer over :mod:`scvi_scale.api` that owns what the user sees."""
+"""The ``scvi-scale`` command: a thin layer over :mod:`scvi_scale.api` that owns what the user sees.
+
+Each handler turns its arguments into one API call and prints the result's summary; the work, and every check
+on the data, is the API's (so Python users get the same behaviour and the same messages).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import sys
-from pathlib import Path
 
 from scvi_scale import __version__
 
@@ -63,15 +67,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-failures", type=int, help="Ray: restarts after a worker dies (default 2)")
 
 
-def _parse_bytes(text: str) -> int:
-    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512M or 2G") from None
-
-
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     kinds = ".h5ad files, AnnData .zarr stores, 10x .h5 files or 10x matrix.mtx folders"
     for name, what in (
@@ -111,7 +106,6 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--overwrite", action="store_true", help="replace an existing store")
         p.add_argument(
             "--memory",
-            type=_parse_bytes,
             default="1G",
             help="memory budget for the writer's shard buffers and the row blocks, e.g. 256M (default 1G; about 30M "
             "of library buffers and ~0.3K per cell of metadata come on top)",
@@ -121,23 +115,23 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from scvi_scale.store.convert import append, convert
+    from scvi_scale import api
 
     common = dict(
         batch_key=args.batch_key,
         batch_per_file=args.batch_per_file,
         layer=args.layer,
-        memory_budget_bytes=args.memory,
+        memory=args.memory,
         progress=not args.no_progress,
         drop_empty_cells=args.drop_empty_cells,
         var_names=args.var_names,
     )
     if args.command == "convert":
-        store = convert(
+        store = api.convert(
             args.inputs, args.out, genes=args.genes, overwrite=args.overwrite, store_format=args.store_format, **common
         )
     else:
-        store = append(args.out, args.inputs, **common)
+        store = api.append(args.out, args.inputs, **common)
     print(f"{store.source}: {store.n_obs} cells x {store.n_vars} genes")
     return 0
 
@@ -162,30 +156,18 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 def _prepare(args: argparse.Namespace) -> int:
     from scvi_scale import api
-    from scvi_scale.store.errors import InputError
-    from scvi_scale.store.memory import MemoryStore
 
-    store = api.open_counts(args.store)
-    if isinstance(store, MemoryStore):
-        raise InputError(
-            f"{args.store}: prepare records its results in a count store; convert the file first: "
-            f"scvi-scale convert {args.store} --out STORE.zarr"
-        )
     result = api.prepare(
-        store,
+        args.store,
         args.n_top_genes,
         args.batch_key,
         span=args.span,
         block_rows=args.block_rows,
         num_workers=args.workers,
         progress=not args.no_progress,
+        require_store=True,
     )
-    batches = result.batch_categories
-    by = f"ranked in {len(batches)} batches of '{args.batch_key}'" if args.batch_key else "one batch"
-    print(f"{result.source}: {result.hvg_index.size} highly variable genes of {result.var.shape[0]} (seurat_v3, {by})")
-    shown = ", ".join(batches[:8]) + (" ..." if len(batches) > 8 else "")
-    print(f"library-size priors for {len(batches)} batch{'es' if len(batches) != 1 else ''}: {shown}")
-    print(f"recorded in {result.recorded_in}: var columns {', '.join(result.var.columns)}; metadata 'prepare'")
+    print(api.prepare_summary(result))
     return 0
 
 
@@ -265,7 +247,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from scvi_scale import api
-    from scvi_scale.config import load_config
+    from scvi_scale.config import load_config  # the API's config loader (ss.load_config)
 
     overrides = list(args.set)
     for flag, key in (
@@ -315,16 +297,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _embed(args: argparse.Namespace) -> int:
     from scvi_scale import api
-    from scvi_scale.store.errors import InputError
 
     if args.out is not None:
-        adata = api.embed(args.run_dir, args.data, args.out, batch_size=args.batch_size)
+        adata = api.embed(args.run_dir, args.data, args.out, batch_size=args.batch_size, progress=not args.no_progress)
         print(f"wrote {args.out}: obsm['X_scvi'] {adata.obsm['X_scvi'].shape}")
         return 0
-    if args.data.rstrip("/").lower().endswith(".h5ad"):
-        raise InputError(
-            f"{args.data}: embeddings are written back into .zarr/.tiledb stores; for an .h5ad pass --out NEW.h5ad"
-        )
     summary = api.embed_to_store(
         args.run_dir,
         args.data,
@@ -343,8 +320,6 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _is_main_rank() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -381,28 +356,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "prepare":
         return _prepare(args)
     if args.command == "demo":
-        from scvi_scale.demo import run_demo
-
-        report = run_demo(
-            Path(args.out),
+        report = api.demo(
+            args.out,
             n_cells=args.n_cells,
             n_genes=args.n_genes,
             epochs=args.epochs,
             seed=args.seed,
             progress=not args.no_progress,
+            view=args.view,
         )
         print(json.dumps(report["summary"], indent=2))
-        print(f"report: {Path(args.out) / 'report'}")
+        print(f"report: {os.path.join(args.out, 'report')}")
         return 0
     if args.command == "embed":
         return _embed(args)
     if args.command == "evaluate":
         result = api.evaluate(args.run_dir, args.data, batch_size=args.batch_size)
-        if args.json:
-            print(json.dumps(result))
-        else:
-            for k, v in result.items():
-                print(f"{k:>20}  {v}")
+        print(json.dumps(result) if args.json else result)  # the Evaluation prints as a table
         return 0
     if args.command == "import-scvi-tools":
         print(api.import_scvi_tools(args.scvi_dir, args.out, overwrite=args.overwrite))

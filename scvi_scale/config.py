@@ -83,6 +83,8 @@ class TrainConfig:
     launcher: Literal["local", "torchrun", "ray"] = "local"
     workers: int = 1
     gpus_per_worker: float = 0.0
+    # Ray CPUs per worker; None: this machine's cores shared evenly on a local Ray, 1 on a cluster
+    cpus_per_worker: float | None = None
     address: str | None = None  # Ray: None starts a local instance; "auto" or "ray://head:10001" joins a cluster
     storage_path: str | None = None  # Ray's run storage (local path or s3://); default: Ray's own
     max_failures: int = 2  # Ray restarts of the worker group after a worker dies (resuming from the checkpoint)
@@ -94,6 +96,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0; got {self.lr}")
         if self.workers < 1:
             raise ConfigError(f"train.workers must be >= 1; got {self.workers}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise ConfigError(f"train.cpus_per_worker must be > 0; got {self.cpus_per_worker}")
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ def train_val_split(
         n_train -= moved
         n_val += moved
     perm = np.random.RandomState(seed).permutation(n_obs)
-    return np.sort(perm[n_val : n_val + n_train]), np.sort(perm[:n_val])
+    dtype = np.int32 if n_obs < 2**31 else np.int64  # row numbers are kept for every cell of an atlas
+    return np.sort(perm[n_val : n_val + n_train]).astype(dtype), np.sort(perm[:n_val]).astype(dtype)
 
 
 class MemoryLoader:
@@ -92,7 +93,7 @@ class MemoryLoader:
         else:
             self.x = _canonical_csr(x)
             self._reader, n_rows = None, self.x.shape[0]
-        self.batch_codes = np.asarray(batch_codes, dtype=np.int64)
+        self.batch_codes = np.asarray(batch_codes)  # kept in its own (small) dtype; int64 per minibatch
         self.rows = np.arange(n_rows) if rows is None else np.asarray(rows, dtype=np.int64)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
@@ -134,7 +135,7 @@ class MemoryLoader:
         x_ng = torch.from_numpy(sub.toarray())
         nz_rows = np.repeat(np.arange(len(rows), dtype=np.int64), np.diff(sub.indptr))
         nonzero = (torch.from_numpy(nz_rows), torch.from_numpy(sub.indices.astype(np.int64)))
-        return Batch(x_ng, torch.from_numpy(self.batch_codes[rows]), rows, nonzero)
+        return Batch(x_ng, torch.from_numpy(self.batch_codes[rows].astype(np.int64)), rows, nonzero)
 
     def state_dict(self, steps_done: int) -> dict:
         """State after ``steps_done`` minibatches of the current epoch (what the loop records)."""

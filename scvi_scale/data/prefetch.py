@@ -48,6 +48,7 @@ BLOCK_ENTRIES = 131_072  # automatic block size: about two Zarr chunks (ENTRY_CH
 DEFAULT_BUFFER_BLOCKS = 128
 DEFAULT_THREADS = 2
 DEFAULT_MEMORY_BUDGET = 1 << 30
+UNSHUFFLED_BUFFER_BLOCKS = 4  # blocks per piece of an unshuffled pass (buffers only mix cells)
 STAGES = ("read_s", "decode_s", "assemble_s", "h2d_s", "idle_s")
 
 
@@ -104,7 +105,8 @@ class StoreLoader:
     block_size
         Consecutive served rows read as one block; None: :func:`auto_block_size`.
     buffer_blocks, seed, rank, world_size, shuffle, drop_last
-        As for :class:`~scvi_scale.data.sampler.BlockSampler`.
+        As for :class:`~scvi_scale.data.sampler.BlockSampler`; without ``shuffle`` a buffer holds at most
+        ``UNSHUFFLED_BUFFER_BLOCKS`` blocks (there is nothing to mix, and each piece read ahead is held whole).
     num_threads
         Reader threads (zarr, TileDB and scipy release the GIL while decoding).
     memory_budget_bytes
@@ -138,15 +140,19 @@ class StoreLoader:
         self.store = store
         self.source = str(getattr(store, "source", repr(store)))
         self.n_vars = int(store.n_vars)
-        self.batch_codes = np.asarray(batch_codes, dtype=np.int64)
+        self.batch_codes = np.asarray(batch_codes)  # kept in its own (small) dtype; int64 per minibatch
+        if self.batch_codes.dtype.kind not in "iu":
+            raise ValueError(f"batch_codes must be integers, got {self.batch_codes.dtype}")
         if self.batch_codes.shape != (n_obs,):
             raise ValueError(f"batch_codes has shape {self.batch_codes.shape}; {self.source} has {n_obs} rows")
-        rows = np.arange(n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
+        rows = np.arange(n_obs) if rows is None else np.asarray(rows)
         if rows.size and (rows.min() < 0 or rows.max() >= n_obs):
             raise IndexError(f"rows outside [0, {n_obs}) of {self.source}")
         if num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {num_threads}")
         block_size = auto_block_size(store) if block_size is None else int(block_size)
+        if not shuffle:  # nothing to mix: small pieces keep the read-ahead small (e.g. the validation pass)
+            buffer_blocks = min(int(buffer_blocks), UNSHUFFLED_BUFFER_BLOCKS)
         self.sampler = BlockSampler(
             rows, block_size, buffer_blocks, batch_size, seed, rank, world_size, shuffle=shuffle, drop_last=drop_last
         )
@@ -227,7 +233,7 @@ class StoreLoader:
 
     def assemble(self, rows_n: np.ndarray, parts: list[sp.csr_matrix], nbytes: int) -> _HostBatch:
         x = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
-        codes = torch.from_numpy(self.batch_codes[rows_n])
+        codes = torch.from_numpy(self.batch_codes[rows_n].astype(np.int64))
         nz_rows = np.repeat(np.arange(x.shape[0], dtype=np.int64), np.diff(x.indptr))
         if self.device.type == "cuda":
             coo = (

@@ -216,7 +216,9 @@ class BlockSampler:
         drop_last: bool = False,
         min_last: int = MIN_LAST,
     ) -> None:
-        self.rows = np.asarray(rows, dtype=np.int64)
+        self.rows = np.asarray(rows)  # int32 or int64, as given: kept for every served cell
+        if self.rows.dtype.kind not in "iu":
+            raise ValueError(f"rows must be integers, got {self.rows.dtype}")
         if self.rows.ndim != 1 or (self.rows.size > 1 and (np.diff(self.rows) <= 0).any()):
             raise ValueError("rows must be a strictly increasing 1-D array of row numbers")
         for name, value in (("block_size", block_size), ("buffer_blocks", buffer_blocks), ("batch_size", batch_size)):
@@ -239,7 +241,10 @@ class BlockSampler:
     @cached_property
     def rows_digest(self) -> str:
         """A short hash of ``rows``: a resumed run must serve the same split."""
-        return hashlib.blake2b(self.rows.tobytes(), digest_size=8).hexdigest()
+        h = hashlib.blake2b(digest_size=8)
+        for a in range(0, self.rows.size, 1 << 20):  # hashed as int64 whatever the dtype, piece by piece
+            h.update(self.rows[a : a + (1 << 20)].astype(np.int64).tobytes())
+        return h.hexdigest()
 
     def set_epoch(self, epoch: int) -> None:
         if int(epoch) != self.epoch:

@@ -127,6 +127,19 @@ def _ray_worker(config: dict[str, Any]) -> None:
     config["entry"](config["payload"])
 
 
+def _worker_cpus(cpus_per_worker: float | None, workers: int, address: str | None) -> float:
+    """CPUs each Ray worker asks for: as configured; on a Ray started here, this machine's cores shared evenly;
+    on a cluster, 1 (this process may run on a head whose core count says nothing about the worker nodes, and
+    asking for more than a worker node has would leave the job pending forever)."""
+    if cpus_per_worker is not None:
+        if cpus_per_worker <= 0:
+            raise InputError(f"train.cpus_per_worker must be > 0; got {cpus_per_worker}")
+        return float(cpus_per_worker)
+    if address in (None, "local"):
+        return max(0.25, (os.cpu_count() or 1) / workers)
+    return 1.0
+
+
 def _launch_ray(
     workers: int,
     entry: Callable[[Any], Any],
@@ -152,9 +165,7 @@ def _launch_ray(
         resources: dict[str, float] = {}
         if use_gpu:
             resources["GPU"] = gpus_per_worker
-        resources["CPU"] = (
-            cpus_per_worker if cpus_per_worker is not None else max(0.25, (os.cpu_count() or 1) / workers)
-        )
+        resources["CPU"] = _worker_cpus(cpus_per_worker, workers, address)
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config={"entry": entry, "payload": payload},
@@ -198,7 +209,8 @@ def launch(
     workers
         Number of training processes (one per GPU on GPU nodes).
     gpus_per_worker, cpus_per_worker
-        Ray resources per worker (CPU default: this machine's cores shared evenly).
+        Ray resources per worker (CPU default: on a Ray started here, this machine's cores shared evenly; on a
+        cluster, 1).
     storage_path
         Ray's run storage (local path or ``s3://``) for its checkpoints and results.
     max_failures

@@ -154,6 +154,22 @@ class EmbedJob:
     def keys(self) -> tuple[str, ...]:
         return tuple(OUTPUT_KEYS[o] for o in self.outputs)
 
+    # what a subclass (another per-cell output, e.g. infer.expression.NormalizedJob) changes: where its manifest
+    # and marks live, what else decides its bytes, and how a region's values are computed
+    @property
+    def manifest(self) -> str:
+        return MANIFEST
+
+    @property
+    def marks(self) -> str:
+        return MARKS
+
+    def token_extra(self) -> dict[str, Any]:
+        return {}
+
+    def region_values(self, model: VAE, view: Any, codes: np.ndarray, region: int) -> dict[str, np.ndarray]:
+        return region_outputs(model, view, codes, self, region)
+
     @cached_property
     def token(self) -> int:
         """A non-zero 64-bit fingerprint of everything that decides the bytes written."""
@@ -169,6 +185,7 @@ class EmbedJob:
             "genes": None if self.gene_idx is None else hashlib.sha256(np.asarray(self.gene_idx).tobytes()).hexdigest(),
             "device": torch.device(self.device).type,
             "seed": self.seed,
+            **self.token_extra(),
         }
         value = int.from_bytes(hashlib.sha256(json.dumps(what, sort_keys=True).encode()).digest()[:8], "little")
         return value or 1
@@ -215,8 +232,8 @@ class EmbedSummary:
         )
 
 
-def _manifest(store: RegionStore) -> dict[str, Any] | None:
-    value = store.metadata.get(MANIFEST)
+def _manifest(store: RegionStore, name: str = MANIFEST) -> dict[str, Any] | None:
+    value = store.metadata.get(name)
     return json.loads(value) if isinstance(value, str) else value  # TileDB keeps metadata entries as JSON text
 
 
@@ -228,15 +245,15 @@ def begin(store: RegionStore, job: EmbedJob, record: dict[str, Any]) -> Begun:
     no mark ever outlives its data.
     """
     plan, token = job.plan, job.token
-    manifest = _manifest(store)
-    marks = store.read_marks(MARKS)
+    manifest = _manifest(store, job.manifest)
+    marks = store.read_marks(job.marks)
     sized = marks is not None and marks.shape == (plan.n_regions,)
     same = manifest is not None and manifest.get("token") == f"{token:016x}"
     if same and manifest.get("complete") and sized and bool((marks == token).all()):
         return Begun([], marks, True)
     replaced = manifest.get("model_hash") if manifest and manifest.get("model_hash") != job.model_hash else None
     if not same or manifest.get("complete"):
-        store.update_metadata(MANIFEST, {**record, **_writer_fields(job), "complete": False})
+        store.update_metadata(job.manifest, {**record, **_writer_fields(job), "complete": False})
     for key in set((manifest or {}).get("keys", {}).values()) - set(job.keys):  # stale outputs of another run
         store.delete_obsm(key)
     fresh = [
@@ -245,7 +262,7 @@ def begin(store: RegionStore, job: EmbedJob, record: dict[str, Any]) -> Begun:
         if store.obsm_layout(key) != (plan.n_obs, width, plan.chunk_rows)
     ]
     if fresh or not sized:
-        store.create_marks(MARKS, plan.n_regions)
+        store.create_marks(job.marks, plan.n_regions)
         marks = np.zeros(plan.n_regions, dtype=np.uint64)
     for key, width in fresh:
         store.create_obsm(key, width, plan.chunk_rows)
@@ -266,16 +283,16 @@ def _writer_fields(job: EmbedJob) -> dict[str, Any]:
         "batch_size": job.batch_size,
         "region_rows": job.plan.region_rows,
         "n_regions": job.plan.n_regions,
-        "marks": f"uns/{MARKS}",
+        "marks": f"uns/{job.marks}",
     }
 
 
 def finish(store: RegionStore, job: EmbedJob, record: dict[str, Any]) -> bool:
     """Write the manifest as complete when every region's mark holds the token; return whether it did."""
-    marks = store.read_marks(MARKS)
+    marks = store.read_marks(job.marks)
     if marks is None or marks.shape != (job.plan.n_regions,) or not bool((marks == job.token).all()):
         return False
-    store.update_metadata(MANIFEST, {**record, **_writer_fields(job), "complete": True, "completed": utc_now()})
+    store.update_metadata(job.manifest, {**record, **_writer_fields(job), "complete": True, "completed": utc_now()})
     return True
 
 
@@ -327,13 +344,13 @@ def write_region(store: RegionStore, view: Any, codes: np.ndarray, model: VAE, j
     if prior_mark == token:
         return 0
     if prior_mark != 0:  # another embedding's region: its mark must not survive our partial data
-        store.write_mark(MARKS, region, 0)
+        store.write_mark(job.marks, region, 0)
     start, stop = job.plan.bounds(region)
-    values = region_outputs(model, view, codes, job, region)
+    values = job.region_values(model, view, codes, region)
     for name, key in zip(job.outputs, job.keys, strict=True):
         store.write_obsm(key, start, stop, values[name])
     _fault_point("written", region)
-    store.write_mark(MARKS, region, token)
+    store.write_mark(job.marks, region, token)
     _fault_point("committed", region)
     return stop - start
 

@@ -1,7 +1,8 @@
-"""Run reports: integration metrics on embeddings, a PCA baseline, 2-D views and the figures built from them."""
+"""Run reports: the quality report (:func:`build_report`, :func:`quality_numbers`), integration metrics, plots."""
 
 from __future__ import annotations
 
+from scvi_scale.report.build import Report, build_report
 from scvi_scale.report.embed2d import embed_2d, umap_available
 from scvi_scale.report.metrics import (
     integration_summary,
@@ -12,8 +13,11 @@ from scvi_scale.report.metrics import (
     silhouette,
 )
 from scvi_scale.report.plots import plot_embedding, plot_loss_curves
+from scvi_scale.report.quality import quality_numbers
 
 __all__ = [
+    "Report",
+    "build_report",
     "embed_2d",
     "integration_summary",
     "knn_batch_mixing",
@@ -22,6 +26,7 @@ __all__ = [
     "pca",
     "plot_embedding",
     "plot_loss_curves",
+    "quality_numbers",
     "silhouette",
     "umap_available",
 ]

@@ -87,8 +87,8 @@ def writer_bytes(nnz: int, n_obs: int, count_dtype: np.dtype, tail: tuple[int, i
     """Peak bytes of :class:`~scvi_scale.store.zarr_store.CsrAppender`'s buffers for ``nnz`` entries in ``n_obs`` rows.
 
     It holds up to one shard of ``X/data`` and ``X/indices`` (``ENTRY_SHARD`` entries; int32 indices) and of
-    ``X/indptr`` (``INDPTR_SHARD`` rows), less when the store is smaller, in buffers allocated once. ``tail`` is the (entries, rows) an appended-to store already has: its last partial shard is
-    buffered too.
+    ``X/indptr`` (``INDPTR_SHARD`` rows), less when the store is smaller, in buffers allocated once. ``tail``
+    is the (entries, rows) an appended-to store already has: its last partial shard is buffered too.
     """
     shard, indptr_shard = zarr_store.ENTRY_SHARD, zarr_store.INDPTR_SHARD  # read now: tests shrink them
     entries = min(shard, tail[0] % shard + nnz)

@@ -27,6 +27,13 @@ __all__ = ["MemoryStore", "category_codes", "library_log_stats_from_totals"]
 logger = logging.getLogger(__name__)
 
 
+def small_codes(codes_n: np.ndarray, n_categories: int) -> np.ndarray:
+    """``codes_n`` in the smallest signed integer dtype that holds ``n_categories`` codes (1 byte a cell for
+    fewer than 128 batches): codes are kept for every cell of an atlas."""
+    dtype = np.int8 if n_categories <= 127 else np.int16 if n_categories <= 32767 else np.int32
+    return np.array(codes_n, dtype=dtype)  # a writable copy: torch refuses read-only arrays
+
+
 def category_codes(
     values: pd.Series, *, name: str, source: str, categories: Sequence[str] | None = None
 ) -> tuple[np.ndarray, list[str]]:
@@ -50,7 +57,8 @@ def category_codes(
     Returns
     -------
     tuple
-        ``(codes_n, categories)``: int64 codes in ``[0, len(categories))`` and the names as ``str``.
+        ``(codes_n, categories)``: codes in ``[0, len(categories))`` (the smallest signed integer dtype that
+        holds them: :func:`small_codes`) and the names as ``str``.
 
     Raises
     ------
@@ -65,10 +73,11 @@ def category_codes(
         )
     if categories is None:
         cat = values.astype("category")
-        return cat.cat.codes.to_numpy().astype(np.int64), [str(c) for c in cat.cat.categories]
+        names = [str(c) for c in cat.cat.categories]
+        return small_codes(cat.cat.codes.to_numpy(), len(names)), names
     categories = [str(c) for c in categories]
     cat = pd.Categorical(values.astype(str), categories=categories)
-    codes_n = np.asarray(cat.codes, dtype=np.int64)
+    codes_n = small_codes(np.asarray(cat.codes), len(categories))
     if (codes_n < 0).any():
         unseen = pd.unique(values.astype(str).to_numpy()[codes_n < 0])
         shown = ", ".join(f"'{u}'" for u in unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
@@ -167,7 +176,8 @@ class StoreReads:
         Returns
         -------
         tuple
-            ``(codes_n, categories)``: int64 codes of shape ``(n_obs,)`` and the names as ``str``.
+            ``(codes_n, categories)``: codes of shape ``(n_obs,)`` (int8 for fewer than 128 batches; see
+            :func:`category_codes`) and the names as ``str``.
             Codes equal pandas ``obs[batch_key].astype("category").cat.codes`` when ``categories`` is None.
 
         Raises
@@ -182,12 +192,19 @@ class StoreReads:
                     f"{self.source}: the model was trained with {len(names)} batches but no batch key was given; "
                     "pass the batch column it was trained with"
                 )
-            return np.zeros(self.n_obs, dtype=np.int64), names
-        if batch_key not in self.obs.columns:
-            raise InputError(
-                f"{self.source}: no obs column '{batch_key}'; available columns: {list(self.obs.columns) or 'none'}"
-            )
-        return category_codes(self.obs[batch_key], name=batch_key, source=self.source, categories=categories)
+            return np.zeros(self.n_obs, dtype=np.int8), names
+        columns = self.obs_columns()
+        if batch_key not in columns:
+            raise InputError(f"{self.source}: no obs column '{batch_key}'; available columns: {columns or 'none'}")
+        return category_codes(self.obs_column(batch_key), name=batch_key, source=self.source, categories=categories)
+
+    def obs_columns(self) -> list[str]:
+        """Names of the ``obs`` columns."""
+        return [str(c) for c in self.obs.columns]
+
+    def obs_column(self, key: str) -> pd.Series:
+        """One ``obs`` column (stores on disk read only that column)."""
+        return self.obs[key]
 
     def library_log_stats(
         self, batch_codes: np.ndarray, n_batch: int, chunk_rows: int = DEFAULT_CHUNK_ROWS

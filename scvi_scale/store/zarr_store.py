@@ -343,6 +343,20 @@ class ZarrStore(StoreReads):
 
         return anndata.io.read_elem(self._root["obs"])
 
+    def obs_columns(self) -> list[str]:
+        """Names of the ``obs`` columns, from the frame's attributes (no column is read)."""
+        if "obs" in self.__dict__:
+            return [str(c) for c in self.obs.columns]
+        return [str(c) for c in self._root["obs"].attrs.get("column-order", [])]
+
+    def obs_column(self, key: str) -> pd.Series:
+        """One ``obs`` column, read alone: the batch codes of an atlas need only its bytes, not the whole frame."""
+        if "obs" in self.__dict__:
+            return self.obs[key]
+        import anndata
+
+        return pd.Series(anndata.io.read_elem(self._root["obs"][key]), name=key)
+
     def _entries(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         with _Damaged(self.source, f"X entries {lo}..{hi} (shard file c/{lo // ENTRY_SHARD} of X/data, X/indices)"):
             return np.asarray(self._data[lo:hi]), np.asarray(self._indices[lo:hi])

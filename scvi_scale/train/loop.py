@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,12 +45,74 @@ class Loader(Protocol):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Raised (from KeyboardInterrupt) after a resumable checkpoint was written."""
+    """Raised after a Ctrl-C (or a notebook's interrupt) stopped training and a resumable checkpoint was written.
 
-    def __init__(self, checkpoint: Path | None) -> None:
-        self.checkpoint = checkpoint
-        where = f"; resume with --resume {checkpoint}" if checkpoint else ""
-        super().__init__(f"training interrupted{where}")
+    ``checkpoint`` is the file written (None when training had no run directory), ``epoch`` and ``step`` where
+    training stopped (``step`` minibatches of ``steps_per_epoch`` done in that epoch), and ``resume_hint`` the
+    calls that continue it; the message says all of that.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Path | None,
+        epoch: int | None = None,
+        step: int | None = None,
+        steps_per_epoch: int | None = None,
+        resume_hint: str | None = None,
+    ) -> None:
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.epoch, self.step, self.steps_per_epoch = epoch, step, steps_per_epoch
+        self.run_dir = self.checkpoint.parent.parent if self.checkpoint is not None else None
+        if resume_hint is None and self.checkpoint is not None:
+            resume_hint = f"--resume {self.run_dir} (the checkpoint {self.checkpoint})"
+        self.resume_hint = resume_hint
+        where = ""
+        if epoch is not None:
+            where = f" after {epoch} full epoch{'' if epoch == 1 else 's'}"
+            where += f" and {step} of the next epoch's {steps_per_epoch} steps" if step else ""
+        if self.checkpoint is None:
+            tail = "; nothing was saved (train with a run directory, `out`, to keep a resumable checkpoint)"
+        else:
+            tail = f"; checkpoint saved to {self.checkpoint}.\nTo continue, resume with {resume_hint}"
+        super().__init__(f"training interrupted{where}{tail}")
+
+    def with_hint(self, resume_hint: str) -> TrainingInterrupted:
+        """The same interruption with another resume hint (the API knows the data and the run directory)."""
+        return TrainingInterrupted(self.checkpoint, self.epoch, self.step, self.steps_per_epoch, resume_hint)
+
+
+class _DeferredInterrupt:
+    """Turns the first SIGINT (Ctrl-C, a notebook's interrupt button) into a flag the loop checks between steps.
+
+    Why: a KeyboardInterrupt raised at an arbitrary bytecode can land between ``optimizer.step()`` and the step
+    counter, so the checkpoint would replay a minibatch the weights already saw. With the flag, the loop stops at
+    the next step boundary with consistent state. A second SIGINT raises KeyboardInterrupt at once (a stuck read),
+    and the loop still checkpoints its position. Only the main thread of a single process can own the handler;
+    elsewhere (threads, data-parallel ranks, which must stop together) KeyboardInterrupt behaves as before.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.debug("interrupt requested; stopping after this step")
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if self._enabled:
+            try:
+                self._previous = signal.signal(signal.SIGINT, self._handler)
+            except ValueError:  # not the main thread of the main interpreter after all
+                self._enabled = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._enabled:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 @dataclass
@@ -244,6 +308,7 @@ def fit(
     epoch = start_epoch
     sums = ElboSums()
     steps_done = 0
+    interrupt = _DeferredInterrupt(not ctx.distributed).__enter__()
     try:
         for epoch in range(start_epoch, max_epochs):
             train_loader.set_epoch(epoch)
@@ -290,6 +355,9 @@ def fit(
                     )
                 if cfg.checkpoint_every_n_steps and global_step % cfg.checkpoint_every_n_steps == 0:
                     checkpoint(epoch, steps_done, sums)
+                if interrupt.requested:  # Ctrl-C: stop here, at a step boundary (one process only)
+                    path = checkpoint(epoch, steps_done, sums)
+                    raise TrainingInterrupted(path, epoch, steps_done, steps_per_epoch)
             epoch_s = time.perf_counter() - t_epoch
             row: dict[str, Any] = {"epoch": epoch, "step": global_step, "kl_weight": w}
             row.update(sums.reduced(ctx).means("train"))
@@ -327,6 +395,9 @@ def fit(
                 result.checkpoint = checkpoint(epoch + 1, 0, None)
             if on_epoch_end is not None:  # after the epoch's checkpoint, so a hook can publish it
                 on_epoch_end(row)
+            if interrupt.requested and not (last or stop):  # Ctrl-C during validation or the epoch's bookkeeping
+                train_loader.set_epoch(epoch + 1)
+                raise TrainingInterrupted(checkpoint(epoch + 1, 0, None), epoch + 1, 0, steps_per_epoch)
             if stop:
                 log.info(
                     "early stopping at epoch %d: validation ELBO has not improved for %d checks", epoch, bad_epochs
@@ -335,8 +406,9 @@ def fit(
                 break
     except KeyboardInterrupt:
         path = checkpoint(epoch, steps_done, sums, collective=False)
-        raise TrainingInterrupted(path) from None
+        raise TrainingInterrupted(path, epoch, steps_done, steps_per_epoch) from None
     finally:
+        interrupt.__exit__()
         bar.close()
         metrics.close()
     return result
