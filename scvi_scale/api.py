@@ -291,7 +291,7 @@ def prepare(
     n_top_genes: int = 2000,
     batch_key: str | None = None,
     *,
-    progress: bool = True,
+    progress: bool = False,
     require_store: bool = False,
     **options: Any,
 ) -> PrepareResult:
@@ -871,7 +871,7 @@ def embed(
     batch_size: int = 1024,
     *,
     counts: bool = True,
-    progress: bool = True,
+    progress: bool = False,
 ):
     """Posterior mean of z for every cell (``obsm["X_scvi"]``); writes an ``.h5ad`` when ``out`` is given.
 

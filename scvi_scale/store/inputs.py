@@ -12,7 +12,8 @@ dense rows of a dense AnnData ``X``), unvalidated: the converter checks every bl
 - a folder holding ``matrix.mtx(.gz)``, or that file itself: 10x MatrixMarket (:mod:`scvi_scale.store.mtx`);
 - ``*.h5``: 10x CellRanger HDF5 (v3 ``/matrix``, v2 ``/<genome>``), or AnnData when it holds ``X``/``obs``/``var``;
 - ``*.zarr`` (or a folder with ``zarr.json``/``.zgroup``): AnnData Zarr, v2 or v3 format, scvi-scale stores included;
-- ``*.h5ad``: AnnData HDF5.
+- ``*.h5ad``: AnnData HDF5;
+- a TileDB group folder or an ``s3://`` URL: a TileDB-SOMA experiment (:mod:`scvi_scale.store.soma_input`).
 
 10x inputs keep only the "Gene Expression" features when the features table has a type column (antibody
 capture, CRISPR guides and custom features are not genes), and name genes by symbol (``gene_symbols``, as
@@ -48,8 +49,8 @@ __all__ = [
 ]
 
 KINDS_HINT = (
-    "an .h5ad file, an AnnData .zarr store, a 10x .h5 file, or a 10x folder with matrix.mtx(.gz), "
-    "features.tsv(.gz) and barcodes.tsv(.gz)"
+    "an .h5ad file, an AnnData .zarr store, a 10x .h5 file, a 10x folder with matrix.mtx(.gz), "
+    "features.tsv(.gz) and barcodes.tsv(.gz), or a TileDB-SOMA experiment (folder or s3:// URL)"
 )
 VAR_NAMES = ("gene_symbols", "gene_ids")
 _INDPTR_WINDOW = 1 << 20  # rows of indptr held at a time: 8 MB
@@ -367,10 +368,13 @@ def open_input(
         10x inputs: ``"gene_symbols"`` (default) or ``"gene_ids"``.
     """
     from scvi_scale.store.mtx import MTX_NAMES, open_mtx
+    from scvi_scale.store.soma_input import is_soma, open_soma  # imports tiledbsoma only when opening one
 
-    path = Path(path)
     if var_names not in VAR_NAMES:
         raise InputError(f"var_names must be one of {list(VAR_NAMES)}, got {var_names!r}")
+    if is_soma(path):
+        return open_soma(path, max_entries=max_entries, layer=layer, var_names=var_names)
+    path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder; check the path")
     name = path.name.lower()

@@ -3,7 +3,6 @@ is left, the message says how to resume, and resuming gives the run an uninterru
 
 from __future__ import annotations
 
-import math
 import signal
 import subprocess
 import sys
@@ -18,11 +17,12 @@ import scvi_scale as ss
 from scvi_scale import cli
 from scvi_scale.train.checkpoint import CHECKPOINT_FORMAT, safe_load
 
-EPOCHS = 2
+EPOCHS = 3
 N_CELLS = 1000
-SECTIONS = {  # ~60 small steps an epoch: a few tenths of a second to land the signal in
+STEPS = int(N_CELLS * 0.9) // 16  # (at least) the steps of an epoch
+SECTIONS = {  # ~60 small steps an epoch; step checkpoints tell the test where training is
     "data": {"batch_key": "batch", "batch_size": 16},
-    "train": {"max_epochs": EPOCHS, "seed": 1, "num_threads": 1, "progress": False},
+    "train": {"max_epochs": EPOCHS, "seed": 1, "num_threads": 1, "progress": False, "checkpoint_every_n_steps": 3},
 }
 SCRIPT = """
 import sys
@@ -39,19 +39,19 @@ def atlas(tmp_path_factory) -> Path:
     return write_h5ad(SyntheticSpec(n_cells=N_CELLS, n_genes=300, n_batches=2, n_cell_types=3, seed=2), path)
 
 
-def _first_epoch(metrics: Path, proc: subprocess.Popen, timeout: float = 120.0) -> float:
-    """Wait for epoch 0's row; return how long it took (to aim the signal at the middle of epoch 1)."""
+def _wait_mid_epoch(ckpt: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Wait until a step checkpoint shows training in the first part of an epoch after the first one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1]
         try:
-            epoch_s = float(pd.read_csv(metrics)["perf/epoch_s"].iloc[0])
-        except (FileNotFoundError, IndexError, KeyError, ValueError, pd.errors.EmptyDataError):
-            epoch_s = math.nan  # not written yet, or caught halfway through the write
-        if math.isfinite(epoch_s):
-            return epoch_s
-        time.sleep(0.005)
-    raise AssertionError("no epoch finished in time")
+            state = safe_load(ckpt, CHECKPOINT_FORMAT)  # written atomically: whole or not there
+        except (FileNotFoundError, ValueError):
+            state = None
+        if state is not None and state["epoch"] >= 1 and 0 < state["loader"]["step"] <= STEPS // 2:
+            return
+        time.sleep(0.01)
+    raise AssertionError("training never reached the middle of an epoch")
 
 
 @pytest.mark.timeout(300)
@@ -60,8 +60,7 @@ def test_sigint_mid_epoch_leaves_a_checkpoint_that_resumes(tmp_path: Path, atlas
     script = SCRIPT.format(sections=SECTIONS)
     proc = subprocess.Popen([sys.executable, "-c", script, str(atlas), str(run_dir)], stderr=subprocess.PIPE, text=True)
     try:
-        epoch_s = _first_epoch(run_dir / "metrics.csv", proc)
-        time.sleep(epoch_s / 2)
+        _wait_mid_epoch(run_dir / "checkpoints" / "last.pt", proc)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -70,13 +69,15 @@ def test_sigint_mid_epoch_leaves_a_checkpoint_that_resumes(tmp_path: Path, atlas
             proc.communicate()
     assert proc.returncode == 1, err
 
+    ckpt = safe_load(run_dir / "checkpoints" / "last.pt", CHECKPOINT_FORMAT)
+    epoch, step = ckpt["epoch"], ckpt["loader"]["step"]
+    assert 1 <= epoch < EPOCHS and 0 < step < STEPS  # mid-epoch (at a step boundary)
+    assert list(pd.read_csv(run_dir / "metrics.csv")["epoch"]) == list(range(epoch))
     # the message says what happened and what to run, in Python and on the command line
-    assert "TrainingInterrupted: training interrupted after 1 full epoch and" in err
+    done = f"{epoch} full epoch{'' if epoch == 1 else 's'} and {step} of the next epoch's"
+    assert f"TrainingInterrupted: training interrupted after {done}" in err
     assert f"ss.train({str(atlas)!r}, {str(run_dir)!r}, resume={str(run_dir)!r})" in err
     assert f"scvi-scale train {atlas} --out {run_dir} --resume {run_dir}" in err
-    ckpt = safe_load(run_dir / "checkpoints" / "last.pt", CHECKPOINT_FORMAT)
-    assert ckpt["epoch"] == 1 and ckpt["loader"]["step"] > 0  # mid-epoch (at a step boundary)
-    assert list(pd.read_csv(run_dir / "metrics.csv")["epoch"]) == [0]
 
     resumed = ss.train(atlas, run_dir, resume=run_dir)  # what the message says
     assert list(resumed.metrics["epoch"]) == list(range(EPOCHS))

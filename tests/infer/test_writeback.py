@@ -289,7 +289,7 @@ def test_mismatches_are_one_line(stores, run_a, small_atlas, tmp_path):
     with pytest.raises(InputError) as err:
         api.embed_to_store(run_a, other.source)
     assert "other-" in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(InputError, match="written back into .zarr or .tiledb stores only"):
+    with pytest.raises(InputError, match="written back into .zarr/.tiledb stores; for an .h5ad write a new file"):
         api.embed_to_store(run_a, small_atlas)
     with pytest.raises(InputError, match="unknown outputs"):
         api.embed_to_store(run_a, stores["zarr"], ("latent", "umap"))
