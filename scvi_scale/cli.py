@@ -86,7 +86,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         group = p.add_mutually_exclusive_group()
         group.add_argument("--batch-key", help="obs column every input must have (the batch)")
         group.add_argument("--batch-per-file", action="store_true", help="each input is its own batch (column 'batch')")
-        p.add_argument("--layer", help="AnnData inputs: layer holding the raw counts (default: X)")
+        p.add_argument(
+            "--layer",
+            help="AnnData inputs: layer holding the raw counts (default: X); TileDB-SOMA: the X layer "
+            "(default: raw, then counts)",
+        )
         p.add_argument(
             "--var-names",
             choices=["gene_symbols", "gene_ids"],

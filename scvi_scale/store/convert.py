@@ -77,7 +77,7 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 BYTES_PER_ENTRY = 48
 MIN_BLOCK_ENTRIES = 65_536  # one X chunk (3 MB of block): smaller blocks mostly add per-block overhead
 FORMATS = ("zarr", "tiledb")
-_NAME_SUFFIXES = (".h5ad", ".h5", ".zarr", ".mtx.gz", ".mtx")
+_NAME_SUFFIXES = (".h5ad", ".h5", ".zarr", ".mtx.gz", ".mtx", ".soma", ".tiledb")
 
 
 LIBRARY_BYTES = 48 << 20  # buffers of zarr, zstd and h5py and the allocator's slack (measured: bench_store.py)

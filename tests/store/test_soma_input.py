@@ -56,12 +56,23 @@ def test_round_trip_of_counts_obs_and_genes(pbmc: dict, tmp_path: Path, store_fo
 
 
 def test_blocks_are_bounded_and_cover_every_row(pbmc: dict) -> None:
-    inp = open_input(pbmc["path"], max_entries=1024)
+    inp = open_input(pbmc["path"], max_entries=16_384)
     inp.scan()
     spans = [(a, b, blk.nnz) for a, b, blk in inp.blocks()]
     assert spans[0][0] == 0 and spans[-1][1] == inp.n_obs
     assert all(s[1] == t[0] for s, t in zip(spans, spans[1:], strict=False))
-    assert len(spans) > 10 and all(nnz <= 1024 or b - a == 1 for a, b, nnz in spans)
+    assert len(spans) > 10 and all(nnz <= 16_384 or b - a == 1 for a, b, nnz in spans)
+    assert sum(s[2] for s in spans) == pbmc["counts"].nnz == inp.nnz
+
+
+def test_joinids_with_gaps_map_to_positions() -> None:
+    from scvi_scale.store.soma_input import _positions
+
+    ids = np.array([3, 4, 9, 12])
+    np.testing.assert_array_equal(_positions(ids, np.array([12, 3, 9, 9]), "obs", "x"), [3, 0, 2, 2])
+    np.testing.assert_array_equal(_positions(np.arange(5, 9), np.array([8, 5]), "obs", "x"), [3, 0])
+    with pytest.raises(InputError, match="obs soma_joinid 10, which is not in obs"):
+        _positions(ids, np.array([4, 10]), "obs", "x")
 
 
 def test_layer_choice_and_bad_layer(pbmc: dict, tmp_path: Path) -> None:
