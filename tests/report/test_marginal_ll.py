@@ -10,6 +10,9 @@ import torch
 
 from scvi_scale.model import VAE, ModelConfig
 from scvi_scale.report.marginal_ll import marginal_ll_batch
+from tests.report import report_fixtures
+
+trained_run = report_fixtures.trained_run  # the shared session fixture
 
 
 def _tiny(observed_lib: bool, likelihood: str = "nb") -> tuple[VAE, torch.Tensor, torch.Tensor]:

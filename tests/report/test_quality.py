@@ -13,6 +13,9 @@ import torch
 from scvi_scale import api
 from scvi_scale.report.quality import compute_quality, heldout_rows, quality_numbers
 from scvi_scale.store.errors import InputError
+from tests.report import report_fixtures
+
+trained_run = report_fixtures.trained_run  # the shared session fixture
 
 
 def test_heldout_elbo_equals_evaluate_on_validation_rows(trained_run, small_atlas):

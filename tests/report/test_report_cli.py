@@ -12,6 +12,9 @@ import pytest
 from scvi_scale import api
 from scvi_scale.cli import main
 from scvi_scale.report.build import _fmt, build_report
+from tests.report import report_fixtures
+
+trained_run = report_fixtures.trained_run  # the shared session fixture
 
 
 @pytest.fixture(scope="module")
