@@ -331,9 +331,21 @@ def prepare(
     return prepare_store(store, n_top_genes, batch_key, progress=progress, **options)
 
 
+_RUN_OUTPUTS = ("config.yaml", "model.pt", "metrics.csv", "split.npz", "checkpoints", "ray")
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out} already exists and is not empty; choose a new --out, or pass --overwrite")
+    """Create the run directory; with ``overwrite``, remove what an earlier run wrote there (other files stay),
+    so that e.g. its ``metrics.csv`` is not continued."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"{out} already exists and is not empty; choose a new --out, or pass --overwrite")
+        for name in _RUN_OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 

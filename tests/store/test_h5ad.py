@@ -51,7 +51,7 @@ def test_cellbench_shape_and_batches(cellbench: MemoryStore) -> None:
     assert isinstance(cellbench.X, sp.csr_matrix) and cellbench.X.dtype == np.float32
     assert cellbench.var_names.shape == (11533,) and cellbench.var_names[0] == "ENSG00000000003"
     codes_n, cats = cellbench.batch_codes("batch")
-    assert len(cats) == 5 and codes_n.dtype == np.int64 and codes_n.shape == (992,)
+    assert len(cats) == 5 and codes_n.dtype == np.int8 and codes_n.shape == (992,)
     # scvi-tools' convention: codes of obs[key].astype("category")
     expected = cellbench.obs["batch"].astype("category")
     np.testing.assert_array_equal(codes_n, expected.cat.codes.to_numpy())
@@ -93,7 +93,7 @@ def test_batch_codes_keep_existing_category_order() -> None:
 def test_no_batch_key_is_one_batch() -> None:
     store = MemoryStore.from_anndata(_adata())
     codes_n, cats = store.batch_codes(None)
-    assert cats == ["0"] and codes_n.dtype == np.int64 and not codes_n.any()
+    assert cats == ["0"] and codes_n.dtype == np.int8 and not codes_n.any()
 
 
 def test_missing_batch_column_names_file_and_columns() -> None:
@@ -302,3 +302,14 @@ def test_codes_and_library_prior_match_scvi_tools(batch_key: str | None, drop: b
     # scvi-tools sums and logs in float32; we use float64
     np.testing.assert_allclose(means_b, means_1b.ravel(), rtol=1e-6)
     np.testing.assert_allclose(vars_b, vars_1b.ravel(), rtol=1e-5)
+
+
+def test_codes_take_the_smallest_integer_type() -> None:
+    """Batch codes are kept for every cell of an atlas: one byte a cell below 128 batches, wider above."""
+    from scvi_scale.store.memory import category_codes
+
+    for n, dtype in ((3, np.int8), (127, np.int8), (128, np.int16), (40_000, np.int32)):
+        values = pd.Series([f"b{i}" for i in range(n)])
+        codes_n, cats = category_codes(values, name="batch", source="test")
+        assert codes_n.dtype == dtype and len(cats) == n and codes_n.flags.writeable
+        assert sorted(codes_n.tolist()) == list(range(n))
