@@ -59,7 +59,7 @@ def _resolve(public: str, module: str, attr: str) -> Any:
     try:
         found = importlib.import_module(module)
     except ModuleNotFoundError as err:
-        if err.name is None or not module.startswith(err.name):
+        if err.name is None or not (module == err.name or module.startswith(err.name + ".")):
             raise  # a dependency of the module is missing: its own message names it
         raise AttributeError(f"scvi_scale.{public} needs {module}, which this install of scvi-scale lacks") from err
     return getattr(found, attr)
@@ -90,7 +90,12 @@ class _ApiEntry:
         return inspect.signature(self._function())
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "_entry" not in self.__dict__:  # copy/pickle probing a bare instance
+            raise AttributeError(name)
         return getattr(importlib.import_module(f"scvi_scale.{self._entry[0]}"), name)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:  # pickled by name: the package's own entry on unpickling
+        return _api_entry, (self._entry[0],)
 
     def __setattr__(self, name: str, value: Any) -> None:  # monkeypatching scvi_scale.train.X patches the subpackage
         setattr(importlib.import_module(f"scvi_scale.{self._entry[0]}"), name, value)
@@ -101,6 +106,10 @@ class _ApiEntry:
     def __repr__(self) -> str:
         name, module, attr = self._entry
         return f"<function scvi_scale.{name} ({module}.{attr}); also the subpackage scvi_scale.{name}>"
+
+
+def _api_entry(name: str) -> _ApiEntry:
+    return globals()[name]
 
 
 class _Package(types.ModuleType):

@@ -153,16 +153,14 @@ def _ingest(cfg: RebuildConfig, folder: Path, state: dict[str, Any], progress: b
                 f"{cfg.store}: the store changed outside this rebuild since attempt {folder.name} began; "
                 f"move {folder} away to start over"
             )
-        paths = []
-        for s in sources:
-            paths.append(download(s, folder / "downloads" / s.id) if s.remote else Path(s.name))
         ing = cfg.ingest
         opts = dict(
             batch_key=cfg.policy.batch_key, batch_per_file=ing.batch_per_file, layer=ing.layer,
             memory_budget_bytes=ing.memory_mb << 20, progress=progress, drop_empty_cells=ing.drop_empty_cells,
             var_names=ing.var_names,
         )  # fmt: skip
-        try:
+        try:  # a download that fails (or finds the object changed) closes the attempt too: the next run re-plans
+            paths = [download(s, folder / "downloads" / s.id) if s.remote else Path(s.name) for s in sources]
             if meta is None:
                 convert(paths, cfg.store, genes=ing.genes, **opts)
             else:
@@ -279,9 +277,16 @@ def _gate(new: dict[str, float], old: dict[str, float], cfg: RebuildConfig, same
     """Whether to publish, and why (each check in words with its numbers)."""
     p, reasons, ok = cfg.policy, [], True
     e_new, e_old = _number(new, "heldout/neg_elbo"), _number(old, "heldout/neg_elbo")
-    if not same_genes:
+    if not math.isfinite(e_new) and math.isfinite(e_old):  # the new model diverged on cells the old one scored
+        ok = False
+        reasons.append(f"heldout/neg_elbo is not finite ({e_new}) where the previous version's was {e_old:.4g}")
+    elif not math.isfinite(e_new):
+        reasons.append("heldout/neg_elbo not compared: no held-out cells scored on either side")
+    elif not same_genes:
         reasons.append("held-out ELBO not compared: the genes changed (policy.reselect_genes)")
-    elif math.isfinite(e_new) and math.isfinite(e_old):
+    elif not math.isfinite(e_old):
+        reasons.append(f"heldout/neg_elbo not compared: the previous version's is not finite ({e_old})")
+    else:
         worse = (e_new - e_old) / abs(e_old)
         passed = worse <= p.max_elbo_worsening
         ok &= passed
@@ -289,9 +294,6 @@ def _gate(new: dict[str, float], old: dict[str, float], cfg: RebuildConfig, same
             f"heldout/neg_elbo {e_new:.4g} vs {e_old:.4g} ({worse:+.2%}; allowed {p.max_elbo_worsening:+.2%}): "
             f"{'ok' if passed else 'worse'}"
         )
-    else:
-        ok = False
-        reasons.append(f"heldout/neg_elbo is not finite ({e_new})")
     i_new, i_old = _number(new, "integration/total"), _number(old, "integration/total")
     scib = "integration/uses_scib_metrics"
     if new.get(scib) != old.get(scib):
@@ -319,7 +321,11 @@ def _evaluate(cfg: RebuildConfig, root: RunRoot, folder: Path, state: dict[str, 
     numbers = _quality(run, store, rows, cfg, device)
     result: dict[str, Any] = {"quality": numbers, "eval_cells": int(rows.size), "n_heldout": int(mask.sum())}
     if state["base"] is None:
-        result.update(publish=True, reasons=["first version: no gate"])
+        e = _number(numbers, "heldout/neg_elbo")
+        if rows.size and not math.isfinite(e):  # nothing to compare with, but a diverged model is never published
+            result.update(publish=False, reasons=[f"first version: heldout/neg_elbo is not finite ({e})"])
+        else:
+            result.update(publish=True, reasons=["first version: no gate"])
         return result
     prev = root.manifest(state["base"])
     prev_rows = ho.eval_rows(mask, hashes, int(prev["store"]["n_obs"]), cfg.policy.max_eval_cells)

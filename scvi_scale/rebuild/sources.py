@@ -60,6 +60,8 @@ def _is_input_dir(path: Path) -> bool:
         or (path / "zarr.json").is_file()
         or (path / ".zgroup").is_file()
         or any((path / m).is_file() for m in _MTX)
+        or path.name.lower().endswith(".soma")
+        or (path / "__tiledb_group.tdb").exists()  # a TileDB group: a TileDB-SOMA experiment
     )
 
 
@@ -207,6 +209,8 @@ def download(source: Source, dest_dir: Path) -> Path:
         os.replace(tmp, path)
     got = sum(p.stat().st_size for _, p in members)
     if got != source.size:
+        for _, path in members:  # not reused by a later attempt
+            path.unlink(missing_ok=True)
         raise InputError(f"{source.name}: downloaded {got} bytes, expected {source.size}; it changed meanwhile?")
     logger.info("downloaded %s (%d bytes)", source.name, got)
     return target

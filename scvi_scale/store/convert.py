@@ -282,7 +282,7 @@ def _stream_zarr(
     """Append every input to ``root``'s ``X`` under one progress bar (cells/s): (kept masks, provenance, n_obs)."""
     from tqdm.auto import tqdm
 
-    writer = CsrAppender(root)
+    writer = CsrAppender(root, expected=(sum(i.nnz for i in opened), sum(i.n_obs for i in opened)))
     kept: list = []
     provenance: list = []
     first = writer.n_obs

@@ -162,12 +162,15 @@ class _ShardedAppender:
     The trailing partial shard of an existing array is read back into the buffer once and rewritten whole.
     """
 
-    def __init__(self, arr: zarr.Array) -> None:
+    def __init__(self, arr: zarr.Array, expected: int | None = None) -> None:
         self.arr = arr
         self.shard = int((arr.shards or arr.chunks)[0])
         self.length = int(arr.shape[0])
         self.flushed = (self.length // self.shard) * self.shard
-        self.buf: np.ndarray | None = None  # allocated on first use: one shard, or less for a small array
+        # the buffer, allocated on first use: one shard, or what ``expected`` more values need when that is less
+        size = self.shard if expected is None else min(self.shard, self.length - self.flushed + int(expected))
+        self._size = max(size, 1)
+        self.buf: np.ndarray | None = None
         self.n_pending = 0
         if self.length > self.flushed:
             self._take(np.asarray(arr[self.flushed : self.length]))
@@ -176,9 +179,12 @@ class _ShardedAppender:
         """Copy ``values`` into the buffer, writing each shard it fills."""
         done = 0
         while done < values.shape[0]:
-            if self.buf is None:
-                self.buf = np.empty(self.shard, dtype=self.arr.dtype)
-            n = min(self.shard - self.n_pending, values.shape[0] - done)
+            if self.buf is None or (self.buf.shape[0] == self.n_pending < self.shard):  # first use, or more came
+                grown = np.empty(self.shard if self.buf is not None else self._size, dtype=self.arr.dtype)
+                if self.buf is not None:
+                    grown[: self.n_pending] = self.buf[: self.n_pending]
+                self.buf = grown
+            n = min(self.buf.shape[0] - self.n_pending, values.shape[0] - done)
             self.buf[self.n_pending : self.n_pending + n] = values[done : done + n]
             self.n_pending += n
             done += n
@@ -208,12 +214,14 @@ class _ShardedAppender:
 class CsrAppender:
     """Appends CSR row blocks to a store's ``X`` (existing rows are kept); call :meth:`close` at the end."""
 
-    def __init__(self, root: zarr.Group) -> None:
+    def __init__(self, root: zarr.Group, expected: tuple[int, int] | None = None) -> None:
+        """``expected``: (entries, rows) to be appended, when known: buffers are then no larger than they need."""
         self.x = root["X"]
         self.n_vars = int(self.x.attrs["shape"][1])
-        self._data = _ShardedAppender(self.x["data"])
-        self._indices = _ShardedAppender(self.x["indices"])
-        self._indptr = _ShardedAppender(self.x["indptr"])
+        nnz, rows = expected if expected is not None else (None, None)
+        self._data = _ShardedAppender(self.x["data"], nnz)
+        self._indices = _ShardedAppender(self.x["indices"], nnz)
+        self._indptr = _ShardedAppender(self.x["indptr"], rows)
         self.n_obs = self._indptr.length - 1
         self.nnz = self._data.length
 

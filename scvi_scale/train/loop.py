@@ -111,8 +111,8 @@ class _DeferredInterrupt:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._enabled:
-            signal.signal(signal.SIGINT, self._previous)
+        if self._enabled:  # None: the previous handler was not installed from Python; the default stands in
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
 
 
 @dataclass

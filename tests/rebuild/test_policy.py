@@ -41,6 +41,15 @@ def test_gate_tolerances(tmp_path: Path) -> None:
     assert gate(199.0, None) and gate(199.0, 0.1, scib=1.0)  # not computable, or other metrics: not compared
     assert not gate(math.nan, 0.7)  # a diverged model is never published
     assert gate(500.0, 0.7, same_genes=False)  # new genes: the ELBOs are not comparable
+    assert not gate(math.nan, 0.7, same_genes=False)  # ... but a diverged model is still refused
+
+    def gate_after(previous: float, elbo: float) -> bool:  # a previous version whose own score is not finite
+        prev = {**old, "heldout/neg_elbo": previous}
+        new = {"heldout/neg_elbo": elbo, "integration/total": 0.7, "integration/uses_scib_metrics": 0.0}
+        return _gate(new, prev, cfg, True)[0]
+
+    assert gate_after(math.nan, 210.0)  # nothing to compare with: not refused forever
+    assert gate_after(math.nan, math.nan)  # no held-out cells on either side
 
 
 def test_result_repr() -> None:
