@@ -213,27 +213,43 @@ def _merge_obs(frames: list[pd.DataFrame], sort_new: bool) -> pd.DataFrame:
     return obs
 
 
-def _batch_labels(inputs: list[CountInput]) -> list[str]:
+# names that 10x Cell Ranger gives every sample: never a batch name (the sample's folder is)
+_GENERIC_NAMES = frozenset(
+    {"filtered_feature_bc_matrix", "raw_feature_bc_matrix", "sample_filtered_feature_bc_matrix", "outs", "count"}
+)
+
+
+def _batch_labels(inputs: list[CountInput], taken: frozenset[str] = frozenset()) -> list[str]:
     """One batch name per input: file names without their suffix, else the nearest folder names that differ.
 
     10x outputs share their file names (``s1/outs/filtered_feature_bc_matrix.h5``, ``s2/outs/...``): they
-    become ``s1`` and ``s2``.
+    become ``s1`` and ``s2``, also when there is only one. ``taken`` are the batches a store already has (an
+    append): a new input is never merged into one of them because its file has the same name.
     """
     chains = []
     for inp in inputs:
         name = inp.path.name
         suffix = next((s for s in _NAME_SUFFIXES if name.lower().endswith(s)), "")
-        chains.append([name[: len(name) - len(suffix)], *(p.name for p in inp.path.resolve().parents if p.name)])
+        chain = [name[: len(name) - len(suffix)], *(p.name for p in inp.path.resolve().parents if p.name)]
+        chains.append([c for c in chain if c.lower() not in _GENERIC_NAMES] or chain)
     for depth in range(max(len(c) for c in chains)):
         labels = [c[depth] if depth < len(c) else "" for c in chains]
-        if len(set(labels)) == len(labels):
+        if len(set(labels)) == len(labels) and not taken.intersection(labels):
+            if depth and taken:
+                logger.warning("batch names from folders, as the file names are batches of the store already: %s",
+                               labels)  # fmt: skip
             return labels
-    raise InputError(f"batch_per_file needs inputs whose names tell them apart; got {[str(i.path) for i in inputs]}")
+    raise InputError(
+        f"batch_per_file needs inputs whose names tell them apart (and from the store's batches "
+        f"{sorted(taken)[:10]}); got {[str(i.path) for i in inputs]}; rename the files or give a batch column"
+    )
 
 
-def _inputs_obs(inputs: list[CountInput], batch_key: str | None, batch_per_file: bool) -> list[pd.DataFrame]:
+def _inputs_obs(
+    inputs: list[CountInput], batch_key: str | None, batch_per_file: bool, taken: frozenset[str] = frozenset()
+) -> list[pd.DataFrame]:
     frames = []
-    labels = _batch_labels(inputs) if batch_per_file else []
+    labels = _batch_labels(inputs, taken) if batch_per_file else []
     for i, inp in enumerate(inputs):
         obs = inp.obs.copy()
         if batch_per_file:
@@ -249,7 +265,7 @@ def _inputs_obs(inputs: list[CountInput], batch_key: str | None, batch_per_file:
 
 def _prepare(
     paths: list, layer: str | None, batch_key: str | None, batch_per_file: bool, budget: int, var_names: str,
-    progress: bool, fixed_bytes: Callable[[int, int, np.dtype], int],
+    progress: bool, fixed_bytes: Callable[[int, int, np.dtype], int], taken: frozenset[str] = frozenset(),
 ) -> tuple[list[CountInput], list[pd.DataFrame], np.dtype]:  # fmt: skip
     """Open, check and scan every input (before anything is written); their obs frames and the count dtype.
 
@@ -261,7 +277,7 @@ def _prepare(
     if not paths:
         raise InputError(f"no inputs given; pass one or more of: {KINDS_HINT}")
     opened = [open_input(p, max_entries=MIN_BLOCK_ENTRIES, layer=layer, var_names=var_names) for p in paths]
-    frames = _inputs_obs(opened, batch_key, batch_per_file)
+    frames = _inputs_obs(opened, batch_key, batch_per_file, taken)
     best = 0.0
     total, n_obs = sum(inp.nnz for inp in opened), sum(inp.n_obs for inp in opened)
     # outside the blocks: the cell metadata (held, then merged into one frame and written) and the libraries'
@@ -510,9 +526,14 @@ def append(
         set_complete(root, True, append_pending=None)
     store = ZarrStore(store_path)
     store_dtype, tail = np.dtype(meta["count_dtype"]), (store.nnz, store.n_obs)
+    column = batch_key or "batch"
+    taken = frozenset()
+    if batch_per_file and column in store.obs_columns():
+        taken = frozenset(str(v) for v in pd.unique(store.obs_column(column).astype(str)))
     opened, frames, dtype = _prepare(
         paths, layer, batch_key, batch_per_file, memory_budget_bytes, var_names, progress,
         lambda nnz, n, dt: writer_bytes(nnz, n, store_dtype, tail),  # the store's dtype; a larger one is refused
+        taken,
     )  # fmt: skip
     out_genes = store.var_names
     for inp in opened:
