@@ -86,8 +86,13 @@ def _ingested(meta: dict[str, Any] | None, sources: list[Source]) -> dict[str, d
         return {}
     done = {r["id"]: r for r in meta.get(LEDGER, [])}
     by_path = {(p.get("path"), p.get("size_bytes")): p for p in meta.get("provenance", [])}
+    paths = {p.get("path") for p in meta.get("provenance", [])}
     for s in sources:
-        if s.id not in done and not s.remote and (s.name, s.size) in by_path:
+        if s.id in done or s.remote:
+            continue
+        # a folder (10x mtx, AnnData .zarr) is recorded with the size of its matrix file, not of the whole folder
+        where = str(Path(s.name).resolve())  # provenance records resolved paths
+        if (s.name, s.size) in by_path or (where, s.size) in by_path or (Path(where).is_dir() and where in paths):
             done[s.id] = {**s.record(), "adopted": True}
     return done
 
