@@ -477,6 +477,8 @@ def train(
             "init_weights": bool(init_weights),
             "exclude_rows": None if exclude_rows is None else np.unique(np.asarray(exclude_rows, dtype=np.int64)),
         }
+    elif ckpt is not None:  # a resume continues how the run began (warm start, rows held out)
+        start = _saved_start(ckpt)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank (or a worker our launchers started)
         return _train_ranked(source, out, config, ckpt, overwrite, device, start)
     if tc.launcher == "torchrun":
@@ -739,7 +741,8 @@ def _train_process(
         max_epochs,
         run_dir=run.path,
         resume_from=ckpt,
-        extra_state={"config": config.to_dict(), "meta": run.model_meta(), "source": _source_text(source)},
+        extra_state={"config": config.to_dict(), "meta": run.model_meta(), "source": _source_text(source),
+                     "start": _start_state(start)},  # fmt: skip
         device=ctx.device,
         on_epoch_end=hooks,
         dist=ctx,
@@ -748,6 +751,22 @@ def _train_process(
     if run.path is not None and ctx.is_main:
         save_model(run)
     return run
+
+
+def _start_state(start: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``start`` as a checkpoint keeps it (tensors and plain values: ``torch.load(weights_only=True)`` reads it)."""
+    if start is None:
+        return None
+    rows = start.get("exclude_rows")
+    return {**start, "exclude_rows": None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int64))}
+
+
+def _saved_start(ckpt: Path) -> dict[str, Any] | None:
+    saved = safe_load(ckpt, CHECKPOINT_FORMAT).get("start")
+    if saved is None:
+        return None
+    rows = saved.get("exclude_rows")
+    return {**saved, "exclude_rows": None if rows is None else rows.numpy()}
 
 
 def _genes_by_name(store: Any, names: Sequence[str]) -> Any:
