@@ -15,7 +15,6 @@ and :mod:`~scvi_scale.infer.predictive`.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +38,6 @@ from scvi_scale.infer.expression import (
 )
 from scvi_scale.infer.predictive import predictive_minibatch
 from scvi_scale.store.errors import InputError
-from scvi_scale.store.subset import GeneSubset
 
 __all__ = ["differential_expression", "normalized_expression", "posterior_predictive_sample"]
 
@@ -149,15 +147,7 @@ def normalized_expression(
         outputs=("normalized",),
         widths=(len(names),),
         plan=writeback.plan_regions(target.n_obs, region_rows or region_rows_for(len(names))),
-        batch_size=int(batch_size),
-        model_hash=writeback.model_hash(run.model, run.var_names, run.batch_categories),
-        batch_key=run.batch_key,
-        batch_categories=tuple(run.batch_categories),
-        gene_idx=tuple(int(g) for g in view.gene_idx) if isinstance(view, GeneSubset) else None,
-        device=device,
-        threads=threads or (1 if launcher == "ray" else max(1, (os.cpu_count() or 1) // workers)),  # per worker
-        seed=run.config.train.seed,
-        storage_options=storage_options,
+        **api._job_fields(run, view, batch_size, device, threads, launcher, workers, storage_options),
         key=out_key,
         genes=None if cols is None else tuple(int(c) for c in cols),
         transform=tuple(codes),

@@ -1117,6 +1117,22 @@ def export_scvi_tools(run: Run | str | Path, out: str | Path, overwrite: bool = 
     return write_scvi_tools(out, st, overwrite=overwrite)
 
 
+def _job_fields(run: Run, view: Any, batch_size: int, device: str, threads: int | None, launcher: str, workers: int,
+                storage_options: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """What every region job (embedding, normalized expression) takes from the run and the launch."""
+    return {
+        "batch_size": int(batch_size),
+        "model_hash": writeback.model_hash(run.model, run.var_names, run.batch_categories),
+        "batch_key": run.batch_key,
+        "batch_categories": tuple(run.batch_categories),
+        "gene_idx": tuple(int(g) for g in view.gene_idx) if isinstance(view, GeneSubset) else None,
+        "device": device,
+        "threads": threads or (1 if launcher == "ray" else max(1, (os.cpu_count() or 1) // workers)),  # per worker
+        "seed": run.config.train.seed,
+        "storage_options": storage_options,
+    }
+
+
 def embed_to_store(
     run: Run | str | Path,
     store: Any,
@@ -1187,15 +1203,7 @@ def embed_to_store(
         outputs=outputs,
         widths=tuple(1 if o == "library" else run.model.config.n_latent for o in outputs),
         plan=writeback.plan_regions(target.n_obs, region_rows),
-        batch_size=int(batch_size),
-        model_hash=writeback.model_hash(run.model, run.var_names, run.batch_categories),
-        batch_key=run.batch_key,
-        batch_categories=tuple(run.batch_categories),
-        gene_idx=tuple(int(g) for g in view.gene_idx) if isinstance(view, GeneSubset) else None,
-        device=device,
-        threads=threads or (1 if launcher == "ray" else max(1, (os.cpu_count() or 1) // workers)),  # per worker
-        seed=run.config.train.seed,
-        storage_options=storage_options,
+        **_job_fields(run, view, batch_size, device, threads, launcher, workers, storage_options),
     )
     record = {"run": str(run.path) if run.path is not None else None, "config": run.config.to_dict()}
     return _write_regions(run, target, view, loader, job, record, launcher=launcher, workers=workers, address=address,
