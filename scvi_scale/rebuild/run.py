@@ -116,7 +116,19 @@ def _mode(cfg: RebuildConfig, prev: dict[str, Any] | None) -> tuple[str, str]:
         return "full", f"policy: a full retrain every {policy.full_retrain_every} versions"
     if prev["config"]["train"]["model"] != cfg.train.model.__dict__:
         return "full", "the model section changed since the last version"
+    if prev["config"].get("policy", {}).get("batch_key") != policy.batch_key:  # surgery maps batches by name
+        return "full", "policy.batch_key changed since the last version"
     return "warm", f"warm start from {prev['version']}"
+
+
+_HELDOUT_SETTINGS = ("holdout_fraction", "holdout_file", "cell_id_key", "max_eval_cells")
+
+
+def _heldout_changed(cfg: RebuildConfig, prev: dict[str, Any]) -> list[str]:
+    """The settings that choose the evaluation cells and differ from the previous version's (then its numbers
+    were measured on other cells and cannot gate this one)."""
+    then = prev["config"].get("policy", {})
+    return [k for k in _HELDOUT_SETTINGS if then.get(k) != getattr(cfg.policy, k)]
 
 
 def _plan(cfg: RebuildConfig, root: RunRoot, new: list[Source]) -> dict[str, Any]:
@@ -333,6 +345,13 @@ def _evaluate(cfg: RebuildConfig, root: RunRoot, folder: Path, state: dict[str, 
             result.update(publish=True, reasons=["first version: no gate"])
         return result
     prev = root.manifest(state["base"])
+    changed = _heldout_changed(cfg, prev)
+    if changed:  # only a diverged model is refused
+        e = _number(numbers, "heldout/neg_elbo")
+        finite = not rows.size or math.isfinite(e)
+        why = f"not compared with {state['base']}: the held-out settings changed ({', '.join(changed)})"
+        result.update(publish=finite, reasons=[why if finite else f"heldout/neg_elbo is not finite ({e})"])
+        return result
     prev_rows = ho.eval_rows(mask, hashes, int(prev["store"]["n_obs"]), cfg.policy.max_eval_cells)
     on_prev = _quality(run, store, prev_rows, cfg, device)
     same_genes = api.load_run(root.versions / state["base"]).var_names == run.var_names

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from scvi_scale.rebuild.run import RebuildResult, _gate, _mode
+from scvi_scale.rebuild.run import RebuildResult, _gate, _heldout_changed, _mode
 from tests.rebuild.conftest import make_config
 
 
@@ -25,6 +25,16 @@ def test_warm_or_full(tmp_path: Path) -> None:
     other = _prev(cfg, 0)
     other["config"]["train"]["model"]["n_latent"] = 20
     assert _mode(cfg, other) == ("full", "the model section changed since the last version")
+    assert _mode(make_config(tmp_path, batch_key="donor"), _prev(cfg, 0)) == (
+        "full", "policy.batch_key changed since the last version"
+    )  # fmt: skip
+
+
+def test_changed_heldout_settings_are_named(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    assert _heldout_changed(cfg, _prev(cfg, 0)) == []
+    moved = make_config(tmp_path, holdout_fraction=0.3, cell_id_key="barcode")
+    assert _heldout_changed(moved, _prev(cfg, 0)) == ["holdout_fraction", "cell_id_key"]
 
 
 def test_gate_tolerances(tmp_path: Path) -> None:
