@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -19,11 +18,7 @@ from scvi_scale import __version__
 EXIT_BAD_INPUT = 2
 
 # modules that add subcommands: each has add_parsers(sub), and its parsers set_defaults(run_command=handler)
-_COMMAND_MODULES = tuple(
-    m
-    for m in ("scvi_scale.cli_tasks", "scvi_scale.cli_report", "scvi_scale.cli_rebuild")
-    if importlib.util.find_spec(m) is not None  # TODO(coordinator): drop once all three exist
-)
+_COMMAND_MODULES = ("scvi_scale.cli_tasks", "scvi_scale.cli_report", "scvi_scale.cli_rebuild")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
