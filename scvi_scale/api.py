@@ -741,8 +741,12 @@ def _train_process(
         max_epochs,
         run_dir=run.path,
         resume_from=ckpt,
-        extra_state={"config": config.to_dict(), "meta": run.model_meta(), "source": _source_text(source),
-                     "start": _start_state(start)},  # fmt: skip
+        extra_state={
+            "config": config.to_dict(),
+            "meta": run.model_meta(),
+            "source": _source_text(source),
+            "start": _start_state(start),
+        },  # fmt: skip
         device=ctx.device,
         on_epoch_end=hooks,
         dist=ctx,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -143,17 +144,19 @@ def _walk_remote(url: str) -> list[Source]:
             and not any(str(o["path"]).split("/")[-1] in _MTX for o in objs)
         ):
             continue  # barcodes or features without a matrix: not an input (yet)
-        tags = sorted(f"{o['path']}:{o.get('e_tag')}:{o['size']}" for o in objs)
         files = () if is_file else tuple(sorted(str(o["path"])[len(root) + 1 :] for o in objs))
-        found.append(
-            Source(
-                f"{scheme}://{bucket}/{root}",
-                sum(int(o["size"]) for o in objs),
-                "etag:" + hashlib.sha1("\n".join(tags).encode()).hexdigest(),
-                files,
-            )
-        )
+        found.append(Source(f"{scheme}://{bucket}/{root}", sum(int(o["size"]) for o in objs), _etag_print(objs), files))
     return found
+
+
+def _etag_print(objects: Iterable[Mapping[str, Any]]) -> str:
+    """The fingerprint of an object-storage input: a digest of its objects' keys, ETags and sizes.
+
+    ``objects`` are obstore ``ObjectMeta`` dicts, from a listing or from the GET (or HEAD) of each object: an
+    object replaced by another, even of the same size, has another ETag and so changes the fingerprint.
+    """
+    tags = sorted(f"{o['path']}:{o.get('e_tag')}:{o['size']}" for o in objects)
+    return "etag:" + hashlib.sha1("\n".join(tags).encode()).hexdigest()
 
 
 def list_sources(inputs: tuple[str, ...] | list[str]) -> list[Source]:
@@ -185,7 +188,9 @@ def download(source: Source, dest_dir: Path) -> Path:
     """Copy an object-storage input into ``dest_dir/<basename>`` (streamed; a complete copy is kept).
 
     Files are written under a temporary name and renamed when complete, so a killed download is redone, and a
-    finished one is reused when its size matches.
+    finished one is reused when its size matches. The copy must be what was listed: the ETags (and sizes) of the
+    objects fetched (HEAD for a copy reused) must give the listing's fingerprint, otherwise an object was replaced
+    since, perhaps by one of the same size, and the copy is deleted and :class:`InputError` raised.
     """
     import obstore
 
@@ -193,13 +198,16 @@ def download(source: Source, dest_dir: Path) -> Path:
     key = urlparse(source.name).path.lstrip("/")
     target = dest_dir / source.basename
     members = [(key, target)] if not source.files else [(f"{key}/{f}", target / f) for f in source.files]
+    fetched: list[Mapping[str, Any]] = []  # the ObjectMeta of each object as fetched
     for obj_key, path in members:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            continue  # renamed into place only when complete
         tmp = path.with_name(f".{path.name}.part")
         try:
+            if path.exists():  # renamed into place only when complete
+                fetched.append(obstore.head(store, obj_key))
+                continue
             result = obstore.get(store, obj_key)
+            fetched.append(result.meta)
             with open(tmp, "wb") as out:
                 for chunk in result.stream(min_chunk_size=_CHUNK):
                     out.write(chunk)
@@ -208,9 +216,14 @@ def download(source: Source, dest_dir: Path) -> Path:
             raise InputError(f"{source.name}: download failed ({type(exc).__name__}: {exc})") from exc
         os.replace(tmp, path)
     got = sum(p.stat().st_size for _, p in members)
+    problem = None
     if got != source.size:
+        problem = f"downloaded {got} bytes, expected {source.size}; it changed meanwhile?"
+    elif source.fingerprint.startswith("etag:") and _etag_print(fetched) != source.fingerprint:
+        problem = "an object was replaced since the inputs were listed (its ETag differs); the next run lists it anew"
+    if problem is not None:
         for _, path in members:  # not reused by a later attempt
             path.unlink(missing_ok=True)
-        raise InputError(f"{source.name}: downloaded {got} bytes, expected {source.size}; it changed meanwhile?")
+        raise InputError(f"{source.name}: {problem}")
     logger.info("downloaded %s (%d bytes)", source.name, got)
     return target

@@ -22,6 +22,7 @@ leaves nothing at ``uri``; on object stores (no rename) the commit flag alone ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -135,8 +136,7 @@ class TileDBStore(StoreReads):
         self._ctx = tiledb.Ctx(tiledb.Config(self._config))
         if _object_type(tiledb, self.uri, self._ctx, self._config) != "group":
             raise InputError(f"{self.uri}: no TileDB count store here; write one with TileDBStore.create")
-        with tiledb.Group(self.uri, ctx=self._ctx) as group:
-            meta = {key: group.meta[key] for key in group.meta.keys()}
+        meta = self._read_metadata(tiledb)
         if not meta.get("complete"):
             raise InputError(
                 f"{self.uri} is incomplete (no commit flag: its conversion was interrupted); rerun the conversion "
@@ -144,7 +144,7 @@ class TileDBStore(StoreReads):
             )
         if int(meta["format_version"]) > FORMAT_VERSION:
             raise InputError(f"{self.uri}: format version {meta['format_version']} is newer; upgrade scvi-scale")
-        self.metadata: dict[str, Any] = {**meta, "provenance": json.loads(meta.get("provenance", "{}"))}
+        self.metadata: dict[str, Any] = meta
         self.n_obs, self.n_vars = int(meta["n_obs"]), int(meta["n_vars"])
         self.var = _read_frame(tiledb, f"{self.uri}/var", self._ctx)  # gene metadata, indexed by name
         self.var_names: np.ndarray = self.var.index.to_numpy().astype(str)  # gene names in column order
@@ -283,20 +283,46 @@ class TileDBStore(StoreReads):
             _write_frame(tiledb, f"{self.uri}/var", var, self._ctx, "var", self.source)
         self.var = var
 
+    def _read_metadata(self, tiledb: Any, *, locked: bool = False) -> dict[str, Any]:
+        """The group metadata as on disk now (entries as stored, ``provenance`` decoded from JSON).
+
+        Read under the store's shared lock (local stores) unless the caller holds the exclusive one: TileDB
+        writes a metadata file in place, and a reader that lists it half written fails to open the group.
+        """
+        from scvi_scale.store.zarr_store import metadata_lock
+
+        with contextlib.nullcontext() if locked else metadata_lock(self._lock_folder, shared=True):
+            with tiledb.Group(self.uri, ctx=self._ctx) as group:
+                meta = {key: group.meta[key] for key in group.meta.keys()}
+        return {**meta, "provenance": json.loads(meta.get("provenance", "{}"))}
+
+    @property
+    def _lock_folder(self) -> str | None:
+        return self.uri.removeprefix("file://") if _is_local(self.uri) else None
+
     def update_metadata(self, key: str, value: Any) -> None:
-        """Set (or, with None, remove) one group metadata entry, stored as JSON."""
+        """Set (or, with None, remove) one group metadata entry, stored as JSON; ``metadata`` is then re-read.
+
+        TileDB writes each change as a metadata file of its own holding only this key, so writers of different
+        keys keep each other's. On local disk writers (and readers) are serialized by a lock on the store's folder
+        (:func:`~scvi_scale.store.zarr_store.metadata_lock`); object storage has no such lock and needs none
+        for this (a metadata object is written whole, by one PUT).
+        """
+        from scvi_scale.store.zarr_store import metadata_lock
+
         tiledb = _tiledb()
-        with tiledb.Group(self.uri, ctx=self._ctx) as group:
-            present = key in group.meta
-        with tiledb.Group(self.uri, "w", ctx=self._ctx) as group:
-            if value is not None:
-                group.meta[key] = json.dumps(value)
-            elif present:
-                del group.meta[key]
-        if value is None:
-            self.metadata.pop(key, None)
-        else:
-            self.metadata[key] = value
+        with metadata_lock(self._lock_folder):
+            with tiledb.Group(self.uri, ctx=self._ctx) as group:
+                present = key in group.meta
+            with tiledb.Group(self.uri, "w", ctx=self._ctx) as group:
+                if value is not None:
+                    group.meta[key] = json.dumps(value)
+                elif present:
+                    del group.meta[key]
+            meta = self._read_metadata(tiledb, locked=True)  # with what other processes wrote meanwhile
+        if value is not None:
+            meta[key] = value  # as given, not its JSON text (other entries stay as stored, as after opening)
+        self.metadata = meta
 
     @property
     def prepared(self) -> dict[str, Any] | None:

@@ -20,13 +20,19 @@ zarr's defaults (zstd). :class:`CsrAppender` buffers one shard per array and wri
 Metadata (root attribute ``"scvi_scale"``): ``format_version`` (1), ``count_dtype``, ``provenance`` (one
 entry per input file, with the rows it became), ``created``/``updated`` (UTC ISO times), ``genes`` (how the
 gene space was chosen), ``batch_key``, and ``complete``: the commit flag, set last; stores without it are refused.
+Writers of the metadata (:func:`set_complete`, :meth:`ZarrStore.update_metadata`) change only their own entries of
+the dict as it is on disk at that moment; on local disk they hold an exclusive ``flock`` on the store's folder
+meanwhile (:func:`metadata_lock`), so writers in different processes (a nightly rebuild's ledger, a user's
+embedding manifest) never drop each other's entries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -39,6 +45,11 @@ from scvi_scale.store.errors import InputError
 from scvi_scale.store.memory import StoreReads, library_log_stats_from_totals
 from scvi_scale.store.open import open_zarr_group, resolve_location
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; metadata writers there are not serialized
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "ENTRY_CHUNK",
     "ENTRY_SHARD",
@@ -47,11 +58,14 @@ __all__ = [
     "ZarrStore",
     "count_dtype_for",
     "create_layout",
+    "metadata_lock",
     "set_complete",
     "truncate",
     "utc_now",
     "write_elem",
 ]
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ENTRY_CHUNK = 65_536
@@ -84,11 +98,72 @@ def write_elem(group: zarr.Group, key: str, elem: object) -> None:
         anndata.io.write_elem(group, key, elem)
 
 
+def _local_root(location: Any) -> str | None:
+    """The folder of a local store (a path or a ``LocalStore``), or None for object storage."""
+    if isinstance(location, (str, os.PathLike)):
+        text = os.fspath(location)
+        return None if "://" in text and not text.startswith("file://") else text.removeprefix("file://")
+    root = getattr(location, "root", None)  # zarr's LocalStore; ObjectStore and FsspecStore have no folder
+    return os.fspath(root) if isinstance(location, zarr.storage.LocalStore) and root is not None else None
+
+
+@contextlib.contextmanager
+def metadata_lock(location: Any, *, shared: bool = False) -> Iterator[None]:
+    """Hold a ``flock`` on the folder of a local store (a path or a zarr ``LocalStore``) meanwhile.
+
+    Exclusive for writers of the store's metadata; ``shared`` for readers that must not see a write half done
+    (TileDB writes its metadata files in place). The folder itself is locked, not a lock file in it: zarr warns
+    about every file in a group that is not a node of the hierarchy (``anndata.read_zarr`` included), and a
+    folder needs no write permission to lock. Object storage has no such lock: there this does nothing, as it
+    does where the file system refuses to lock (NFS without write access: a warning says so). Not reentrant:
+    ``flock`` locks belong to the open file, so a process that takes it twice waits on itself.
+    """
+    folder = _local_root(location)
+    fd = None
+    if folder is not None and fcntl is not None and os.path.isdir(folder):
+        try:
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)  # waits for the holder; released on close
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+                fd = None
+            logger.warning("%s: cannot lock the store (%s); its metadata writers are not serialized", folder, exc)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _change_metadata(store: Any, path: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Apply ``change`` to the metadata as it is on disk now, and write it back; returns the written dict.
+
+    The group is opened afresh under the lock: a ``zarr.Group`` keeps the attributes read when it was opened,
+    so writing through an older handle would put back every entry as it was then.
+    """
+    with metadata_lock(store):
+        fresh = zarr.open_group(store, path=path, mode="r+")
+        meta = dict(fresh.attrs[_META])
+        change(meta)
+        meta["updated"] = utc_now()
+        fresh.attrs[_META] = meta
+    return meta
+
+
 def set_complete(root: zarr.Group, complete: bool, **updates: Any) -> None:
-    """Rewrite the metadata with the commit flag (and any other fields); the flag is the last thing set."""
-    meta = dict(root.attrs[_META])
-    meta.update(updates, complete=bool(complete), updated=utc_now())
-    root.attrs[_META] = meta
+    """Set the commit flag (and any other fields) in the metadata; the flag is the last thing set.
+
+    Only these fields change: the rest is re-read from the store, so entries that other processes wrote since
+    ``root`` was opened are kept (serialized by a lock on the store's folder on local disk; on object storage,
+    where there is no lock, two writers at the same instant can still lose one's entry). ``root``'s attributes
+    show the result.
+    """
+
+    def change(meta: dict[str, Any]) -> None:
+        meta.update(updates, complete=bool(complete))
+
+    root.metadata.attributes[_META] = _change_metadata(root.store, root.path, change)
 
 
 def _checked_zstd() -> Any:
@@ -505,15 +580,23 @@ class ZarrStore(StoreReads):
         var.attrs["column-order"] = kept + [str(c) for c in frame.columns]
 
     def update_metadata(self, key: str, value: Any) -> None:
-        """Set (or, with None, remove) one entry of the ``scvi_scale`` root metadata; JSON-able values only."""
-        root = self._open_writable()
-        meta = dict(root.attrs[_META])
-        if value is None:
-            meta.pop(key, None)
-        else:
-            meta[key] = value
-        meta["updated"] = utc_now()
-        root.attrs[_META] = meta
+        """Set (or, with None, remove) one entry of the ``scvi_scale`` root metadata; JSON-able values only.
+
+        The other entries are re-read from the store and written back as they are, so concurrent writers of
+        different keys (a rebuild's ledger, ``embed_to_store``'s manifest, ``prepare``) keep each other's. On
+        local disk writers are serialized by an exclusive lock on the store's folder (:func:`metadata_lock`);
+        object storage has no such lock, so there two writers at the same instant can still lose one's entry
+        (the window is one read and one write of ``zarr.json``).
+        """
+
+        def change(meta: dict[str, Any]) -> None:
+            if value is None:
+                meta.pop(key, None)
+            else:
+                meta[key] = value
+
+        location, _ = resolve_location(self._url, self._storage_options, read_only=False)
+        _change_metadata(location, "", change)
         location, _ = resolve_location(self._url, self._storage_options, read_only=True)
         self._root = zarr.open_group(location, mode="r")  # so `metadata` shows the update
 

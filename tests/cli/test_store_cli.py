@@ -42,6 +42,7 @@ def test_train_from_tiledb_store(tmp_path, small_atlas):
     from scvi_scale.store.tiledb_store import TileDBStore
 
     TileDBStore.from_anndata(anndata.read_h5ad(small_atlas), str(tmp_path / "atlas.tiledb"), chunk_rows=256)
+
     def train(source, **data):
         return api.train(source, None, data={"batch_key": "batch", **data}, train={"max_epochs": 2, "progress": False},
                          model={"n_hidden": 32})  # fmt: skip
