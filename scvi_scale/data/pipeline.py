@@ -1,10 +1,17 @@
 """The threads behind :class:`~scvi_scale.data.prefetch.StoreLoader`: reader pool, assembler, byte budget.
 
 One :class:`Pipeline` serves one pass over a sampler plan. Reader threads read pieces (a buffer's cells) as
-row ranges through ``store.read_range``, one task per thread and piece; one assembler thread waits for the
-pieces in plan order, stacks their CSR, cuts minibatches in plan order and puts them in a bounded queue the
-consumer takes from. Bytes in flight (pieces being read or held, minibatches queued) are reserved in a
-:class:`Budget` before the work that allocates them (see :mod:`scvi_scale.data.prefetch` for the rule).
+row ranges through ``store.read_range``, one task per thread and piece, into a
+:class:`~scvi_scale.data.piece.CompactPiece`; one assembler thread waits for the pieces in plan order, cuts
+minibatches in plan order and puts them in a bounded queue the consumer takes from. Bytes in flight (pieces
+being read or held, minibatches queued) are reserved in a :class:`Budget` before the work that allocates them
+(see :mod:`scvi_scale.data.prefetch` for the rule).
+
+Read-ahead is one piece: while the assembler cuts minibatches from piece ``k``, the readers read piece
+``k + 1`` and nothing further (more only while the pieces read ahead hold fewer than
+``READ_AHEAD_BATCHES`` minibatches, e.g. the small pieces of an unshuffled pass). Reading a piece takes a
+fraction of the time training consumes it, so a deeper read-ahead only holds memory: with it, the loader's
+memory no longer depends on how many pieces an epoch has (a 2M-cell store holds what a 100k-cell one does).
 """
 
 from __future__ import annotations
@@ -24,11 +31,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from scvi_scale.data.memory import _canonical_csr
+from scvi_scale.data.piece import CompactPiece, EntryDtypes, piece_bytes
 from scvi_scale.data.sampler import Piece
 from scvi_scale.store.errors import InputError
 
 MAX_GAP_ROWS = 32  # rows of the other split within this distance are read and dropped rather than skipped
 QUEUE_BATCHES = 4  # assembled minibatches waiting for the consumer (also bounded by the memory budget)
+READ_AHEAD_BATCHES = 8  # read a further piece ahead only while those ahead hold fewer minibatches than this
 _POLL_S = 0.05  # how often blocked threads look at the stop flag
 
 
@@ -46,13 +55,15 @@ class Owner(Protocol):
 
     store: RangeReader
     source: str
+    n_vars: int
+    entry_dtypes: EntryDtypes  # how pieces keep their entries
     num_threads: int
     memory_budget_bytes: int
     batch_size: int
     nnz_per_row: float | None  # the store's mean, when known without reading
     times: dict[str, float]
 
-    def piece_bytes(self, rows: np.ndarray, nnz_per_row: float | None) -> int | None: ...
+    def row_nnz(self, rows: np.ndarray) -> np.ndarray | None: ...  # exact entries per row, when known
     def batch_bytes(self, n: int, nnz: int) -> int: ...
     def assemble(self, rows_n: np.ndarray, parts: list[sp.csr_matrix], nbytes: int) -> Any: ...
 
@@ -63,22 +74,31 @@ class StoreReadError(RuntimeError):
 
 @dataclass
 class _Part:
-    """What one read task returns: CSR blocks of consecutive sorted rows, and its seconds."""
+    """What one read task returns: its blocks of consecutive sorted rows (none when written into the piece),
+    and its seconds."""
 
-    blocks: list[sp.csr_matrix]
+    blocks: list[CompactPiece]
     read_s: float
     decode_s: float
+    complete: bool  # False when it stopped early (the pipeline is closing): the piece is not whole
 
 
 def _read_spans(
-    store: RangeReader, source: str, srt: np.ndarray, spans: list[tuple[int, int]], stop: threading.Event
+    store: RangeReader,
+    source: str,
+    srt: np.ndarray,
+    spans: list[tuple[int, int]],
+    stop: threading.Event,
+    piece: CompactPiece | None,
+    dtypes: EntryDtypes,
 ) -> _Part:
-    """Rows ``srt[i:j]`` for each span: one ``read_range`` over the span's row numbers, then the rows asked for.
-    Returns early (with a partial result nobody reads) once ``stop`` is set."""
+    """Rows ``srt[i:j]`` for each span: one ``read_range`` over the span's row numbers, then the rows asked for,
+    written into ``piece`` at rows ``i:j`` (or, without one, returned in ``dtypes``). Returns early (with a
+    partial result nobody reads) once ``stop`` is set."""
     blocks, read_s, decode_s = [], 0.0, 0.0
     for i, j in spans:
         if stop.is_set():
-            break
+            return _Part(blocks, read_s, decode_s, False)
         lo, hi = int(srt[i]), int(srt[j - 1]) + 1
         t0 = time.perf_counter()
         try:
@@ -90,10 +110,16 @@ def _read_spans(
         t1 = time.perf_counter()
         if j - i != hi - lo:  # the range spans rows of the other split: keep ours
             m = m[srt[i:j] - lo]
-        blocks.append(m)
+        if piece is None:
+            blocks.append(CompactPiece.convert(m, dtypes))
+        else:
+            try:
+                piece.fill(i, m)
+            except ValueError as exc:
+                raise StoreReadError(f"{source}: rows [{lo}, {hi}) changed while reading ({exc})") from exc
         read_s += t1 - t0
         decode_s += time.perf_counter() - t1
-    return _Part(blocks, read_s, decode_s)
+    return _Part(blocks, read_s, decode_s, True)
 
 
 def _split_spans(srt: np.ndarray, n_tasks: int) -> list[list[tuple[int, int]]]:
@@ -110,26 +136,24 @@ def _split_spans(srt: np.ndarray, n_tasks: int) -> list[list[tuple[int, int]]]:
 
 @dataclass
 class _Pending:
-    """A piece being read: its rows (visiting order and sorted), read tasks, and the bytes reserved for it."""
+    """A piece being read: its rows (visiting order and sorted), read tasks, the bytes reserved for it, and the
+    piece the tasks write into (None: they return blocks, joined when all are done)."""
 
     rows: np.ndarray
     sorted_rows: np.ndarray
     tasks: list[Future]
     reserved: int
+    piece: CompactPiece | None
 
 
 @dataclass
 class _Loaded:
-    """A piece in memory: its rows in visiting order and the CSR of its rows in sorted order."""
+    """A piece in memory: its rows in visiting order and its counts, rows in sorted order."""
 
     rows: np.ndarray
     sorted_rows: np.ndarray
-    x: sp.csr_matrix
+    x: CompactPiece
     nbytes: int
-
-
-def csr_bytes(nnz: int, n_rows: int) -> int:
-    return 8 * nnz + 16 * n_rows  # float32 values + int32 indices; int64 indptr + the row numbers
 
 
 class Budget:
@@ -169,9 +193,16 @@ class Budget:
 
 
 class Pipeline:
-    """Reader pool, one assembler thread and a bounded queue to the consumer, for one pass over a plan."""
+    """Reader pool, one assembler thread and a bounded queue to the consumer, for one pass over a plan.
 
-    def __init__(self, loader: Owner, rows: np.ndarray, pieces: list[Piece], batch_sizes: list[int]) -> None:
+    With ``hold``, the pipeline reads its first piece and then waits for :meth:`release` (or the first
+    :meth:`get`) before it reads further or cuts minibatches: a pass started ahead of time (the next epoch,
+    while the current one ends) holds one piece, not a read-ahead's worth.
+    """
+
+    def __init__(
+        self, loader: Owner, rows: np.ndarray, pieces: list[Piece], batch_sizes: list[int], *, hold: bool = False
+    ) -> None:
         self.loader = loader
         self.rows = rows
         self.pieces = pieces
@@ -179,12 +210,20 @@ class Pipeline:
         self.budget = Budget(loader.memory_budget_bytes)
         self.out: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.stop = threading.Event()
+        self.go = threading.Event()
+        if not hold:
+            self.go.set()
         self.pool = ThreadPoolExecutor(loader.num_threads, thread_name_prefix="scvi-scale-read")
         self.thread = threading.Thread(target=self._run, name="scvi-scale-assemble", daemon=True)
         self.thread.start()
 
     # consumer side
+    def release(self) -> None:
+        """Let a held pipeline run on (see the class docstring)."""
+        self.go.set()
+
     def get(self) -> Any:
+        self.go.set()
         while True:
             try:
                 kind, item = self.out.get(timeout=_POLL_S)
@@ -220,6 +259,7 @@ class Pipeline:
 
     def _assemble_all(self) -> None:
         loader, times, rows = self.loader, self.loader.times, self.rows
+        dtypes = loader.entry_dtypes
         pending: deque[_Pending] = deque()  # pieces submitted, in plan order
         loaded: deque[tuple[int, _Loaded]] = deque()  # (stream offset of the piece, piece)
         seen = [0, 0]  # counts and rows read so far (estimates for stores without row pointers)
@@ -232,30 +272,41 @@ class Pipeline:
         def held() -> int:  # bytes only this thread frees: waiting for the consumer cannot free them
             return sum(p.nbytes for _, p in loaded) + sum(p.reserved for p in pending)
 
-        def submit(piece_rows: np.ndarray, reserved: int) -> None:
+        def reserve(piece_rows: np.ndarray, srt: np.ndarray) -> tuple[int | None, CompactPiece | None]:
+            """Bytes to reserve for a piece and, when the store's row lengths are known, its empty arrays."""
+            row_nnz = loader.row_nnz(srt)
+            if row_nnz is not None:
+                piece = CompactPiece.allocate(row_nnz, loader.n_vars, dtypes)
+                return piece.nbytes(), piece
+            per_row = seen[0] / seen[1] if seen[1] else loader.nnz_per_row
+            if per_row is None:
+                return None, None
+            return piece_bytes(math.ceil(per_row * piece_rows.size), piece_rows.size, dtypes), None
+
+        def submit(piece_rows: np.ndarray, srt: np.ndarray, reserved: int, piece: CompactPiece | None) -> None:
             nonlocal next_piece
-            srt = np.sort(piece_rows)
             tasks = [
-                self.pool.submit(_read_spans, loader.store, loader.source, srt, spans, self.stop)
+                self.pool.submit(_read_spans, loader.store, loader.source, srt, spans, self.stop, piece, dtypes)
                 for spans in _split_spans(srt, loader.num_threads)
             ]
-            pending.append(_Pending(piece_rows, srt, tasks, reserved))
+            pending.append(_Pending(piece_rows, srt, tasks, reserved, piece))
             next_piece += 1
-
-        def estimate(piece_rows: np.ndarray) -> int | None:
-            return loader.piece_bytes(piece_rows, seen[0] / seen[1] if seen[1] else None)
 
         def read_ahead() -> None:
             room = max(
                 headroom,
                 loader.batch_bytes(loader.batch_size, math.ceil(seen[0] / max(seen[1], 1) * loader.batch_size)),
             )
+            ahead_limit = READ_AHEAD_BATCHES * loader.batch_size
             while next_piece < len(self.pieces) and len(pending) <= loader.num_threads:
+                if pending and sum(p.rows.size for p in pending) >= ahead_limit:
+                    return  # a piece (or enough small ones) is being read ahead: that covers the reading time
                 piece_rows = rows[self.pieces[next_piece].positions()]
-                est = estimate(piece_rows)
+                srt = np.sort(piece_rows)
+                est, piece = reserve(piece_rows, srt)
                 if est is None or not self.budget.try_acquire(est, room):
                     return
-                submit(piece_rows, est)
+                submit(piece_rows, srt, est, piece)
 
         def force() -> bool:
             return self.budget.used <= held()
@@ -265,10 +316,14 @@ class Pipeline:
             while covered < end:  # load pieces until this minibatch is covered
                 if not pending:  # nothing read ahead: the next piece is needed now; wait for room
                     piece_rows = rows[self.pieces[next_piece].positions()]
-                    est = estimate(piece_rows) or 0
-                    if not self.budget.acquire(est, self.stop, force):
+                    srt = np.sort(piece_rows)
+                    est, piece = reserve(piece_rows, srt)
+                    if not self.budget.acquire(est or 0, self.stop, force):
                         return
-                    submit(piece_rows, est)
+                    submit(piece_rows, srt, est or 0, piece)
+                while not self.go.wait(_POLL_S):  # held: the first piece is being read; nothing more yet
+                    if self.stop.is_set():
+                        return
                 read_ahead()
                 head = pending[0]
                 while not all(t.done() for t in head.tasks):
@@ -276,15 +331,19 @@ class Pipeline:
                         return
                     wait_futures(head.tasks, timeout=_POLL_S)
                 results = [t.result() for t in head.tasks]
+                if self.stop.is_set() or not all(r.complete for r in results):
+                    return  # closing: tasks stopped early, so the piece has unwritten rows
                 pending.popleft()
                 t0 = time.perf_counter()
-                blocks = [b for r in results for b in r.blocks]
-                x = _canonical_csr(blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr"))
-                piece = _Loaded(head.rows, head.sorted_rows, x, csr_bytes(x.nnz, head.rows.size))
+                x = head.piece
+                if x is None:
+                    x = CompactPiece.join([b for r in results for b in r.blocks], loader.n_vars, dtypes)
+                piece = _Loaded(head.rows, head.sorted_rows, x, x.nbytes())
                 self.budget.release(head.reserved - piece.nbytes)  # exact when the store has row pointers
                 times["read_s"] += sum(r.read_s for r in results)
                 times["decode_s"] += sum(r.decode_s for r in results) + time.perf_counter() - t0
                 seen[0], seen[1] = seen[0] + x.nnz, seen[1] + head.rows.size
+                del results  # the blocks a join copied
                 loaded.append((covered, piece))
                 covered += head.rows.size
             t0 = time.perf_counter()
@@ -292,7 +351,7 @@ class Pipeline:
             for start, piece in loaded:
                 a, b = max(pos - start, 0), min(end - start, piece.rows.size)
                 if a < b:
-                    parts.append(piece.x[np.searchsorted(piece.sorted_rows, piece.rows[a:b])])
+                    parts.append(_canonical_csr(piece.x.take(np.searchsorted(piece.sorted_rows, piece.rows[a:b]))))
                     rows_n.append(piece.rows[a:b])
             nbytes = loader.batch_bytes(size, sum(p.nnz for p in parts))
             headroom = max(headroom, nbytes)

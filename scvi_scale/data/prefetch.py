@@ -37,7 +37,8 @@ import scipy.sparse as sp
 import torch
 
 from scvi_scale.data.batch import Batch
-from scvi_scale.data.pipeline import Pipeline, RangeReader, StoreReadError, csr_bytes
+from scvi_scale.data.piece import EntryDtypes
+from scvi_scale.data.pipeline import Pipeline, RangeReader, StoreReadError
 from scvi_scale.data.sampler import BlockSampler
 
 __all__ = ["StoreLoader", "StoreReadError", "RangeReader", "auto_block_size"]
@@ -163,8 +164,12 @@ class StoreLoader:
         self._indptr = _store_indptr(store)
         ptr = self._indptr
         self.nnz_per_row = float(ptr[-1] - ptr[0]) / n_obs if ptr is not None and n_obs else None  # for the Pipeline
+        self.entry_dtypes = EntryDtypes.for_store(store)  # pieces in memory: uint16 counts and columns when they fit
         self.times = dict.fromkeys(STAGES, 0.0)
         self.max_inflight_bytes = 0
+        self.prefetch_next_epoch = bool(shuffle)  # training passes; an unshuffled pass is usually run once
+        self.epoch_limit: int | None = None  # read ahead into epochs below this only (set by plan_epochs)
+        self._warm: tuple[int, Pipeline] | None = None  # the next epoch's pass, started while this one ends
 
     # -- the Loader protocol ----------------------------------------------------------------------------------------
     @property
@@ -189,6 +194,20 @@ class StoreLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
+    def plan_epochs(self, max_epochs: int) -> None:
+        """Say that epochs up to ``max_epochs - 1`` will be iterated, in order: while an epoch's last piece is
+        consumed, the first piece of the next one (below ``max_epochs``) is read, so the next pass starts with
+        no wait. Without this call a loader never reads past the pass it serves. Call :meth:`close` when done
+        (``fit`` does both)."""
+        self.epoch_limit = int(max_epochs)
+
+    def close(self) -> None:
+        """Stop a pass started ahead for the next epoch (training ended early, or the loader is done); it
+        holds a piece and threads until then."""
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            warm[1].close()
+
     def state_dict(self, steps_done: int) -> dict:
         return self.sampler.state_dict(steps_done)
 
@@ -202,16 +221,24 @@ class StoreLoader:
         return dict(self.times)
 
     def __iter__(self) -> Iterator[Batch]:
+        warm = self._claim_warm()
         plan = self.sampler.start_pass()
         if not plan.batch_sizes:
+            if warm is not None:
+                warm.close()
             return
-        pipe = Pipeline(self, self.sampler.rows, plan.pieces, plan.batch_sizes)
+        pipe = warm or Pipeline(self, self.sampler.rows, plan.pieces, plan.batch_sizes)
+        pipe.release()
+        warm_from = self._warm_step(plan) if self._may_read_ahead(self.sampler.epoch + 1) else None
         stager = _DeviceStager(self.device) if self.device.type == "cuda" else None
         try:
-            for _ in plan.batch_sizes:
+            for k in range(len(plan.batch_sizes)):
                 t0 = time.perf_counter()
                 hb = pipe.get()
                 t1 = time.perf_counter()
+                if k == warm_from:  # the last piece is loaded: this pass reads no more, the next epoch's may
+                    self._start_warm(self.sampler.epoch + 1)
+                    t1 = time.perf_counter()
                 batch = stager.stage(hb) if stager is not None else hb.batch
                 self.times["idle_s"] += t1 - t0
                 self.times["h2d_s"] += time.perf_counter() - t1
@@ -220,11 +247,39 @@ class StoreLoader:
             pipe.close()
             self.max_inflight_bytes = max(self.max_inflight_bytes, pipe.budget.peak)
 
+    # -- reading across the epoch boundary ----------------------------------------------------------------------------
+    def _may_read_ahead(self, epoch: int) -> bool:
+        return self.prefetch_next_epoch and self.epoch_limit is not None and epoch < self.epoch_limit
+
+    @staticmethod
+    def _warm_step(plan: Any) -> int:
+        """The first minibatch that lies in the plan's last piece (reading is over from there on)."""
+        last_start = sum(p.size for p in plan.pieces[:-1])
+        ends = np.cumsum(plan.batch_sizes)
+        return int(np.searchsorted(ends, last_start, side="right"))
+
+    def _start_warm(self, epoch: int) -> None:
+        self.close()
+        plan = self.sampler.plan_of(epoch)
+        if plan.batch_sizes:
+            self._warm = (epoch, Pipeline(self, self.sampler.rows, plan.pieces, plan.batch_sizes, hold=True))
+
+    def _claim_warm(self) -> Pipeline | None:
+        """The pass started ahead, when it is exactly the one about to run; otherwise it is stopped."""
+        warm, self._warm = self._warm, None
+        if warm is None:
+            return None
+        epoch, pipe = warm
+        if epoch == self.sampler.epoch and self.sampler.at_epoch_start:
+            return pipe
+        pipe.close()
+        return None
+
     # -- sizes and assembly: the Pipeline's Owner protocol, called from its assembler thread ---------------------------
-    def piece_bytes(self, rows: np.ndarray, nnz_per_row: float | None) -> int | None:
-        if self._indptr is not None:
-            return csr_bytes(int((self._indptr[rows + 1] - self._indptr[rows]).sum()), rows.size)
-        return None if nnz_per_row is None else csr_bytes(math.ceil(nnz_per_row * rows.size), rows.size)
+    def row_nnz(self, rows: np.ndarray) -> np.ndarray | None:
+        if self._indptr is None:
+            return None
+        return self._indptr[rows + 1] - self._indptr[rows]
 
     def batch_bytes(self, n: int, nnz: int) -> int:
         if self.device.type == "cuda":

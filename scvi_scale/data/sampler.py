@@ -30,6 +30,7 @@ re-partition lists each world size and its steps (``segments``).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
@@ -297,6 +298,17 @@ class BlockSampler:
             raise ValueError(f"cannot skip {self._skip} steps: the epoch has {len(sz)}")
         done = sum(sz[: self._skip])
         return EpochPlan(_slice(mine, done, sum(sz)), sz[self._skip :])
+
+    @property
+    def at_epoch_start(self) -> bool:
+        """True unless resumed mid-epoch (a pass now would serve the whole epoch)."""
+        return not self._past and self._skip == 0
+
+    def plan_of(self, epoch: int) -> EpochPlan:
+        """The whole plan of ``epoch`` from its start, leaving this sampler as it is (for reading ahead)."""
+        other = copy.copy(self)
+        other._past, other._skip, other.epoch = [], 0, int(epoch)
+        return other.plan()
 
     def start_pass(self) -> EpochPlan:
         """:meth:`plan`, and forget the resume position: a loader calls this when an iteration starts."""

@@ -198,6 +198,13 @@ class StoreReads:
             raise InputError(f"{self.source}: no obs column '{batch_key}'; available columns: {columns or 'none'}")
         return category_codes(self.obs_column(batch_key), name=batch_key, source=self.source, categories=categories)
 
+    @property
+    def count_dtype(self) -> np.dtype | None:
+        """The integer dtype the store keeps its counts in (``uint16`` or ``uint32``, from its metadata), or None
+        when it does not declare one (counts held as floats in memory)."""
+        name = (getattr(self, "metadata", None) or {}).get("count_dtype")
+        return np.dtype(name) if name else None
+
     def obs_columns(self) -> list[str]:
         """Names of the ``obs`` columns."""
         return [str(c) for c in self.obs.columns]

@@ -71,6 +71,10 @@ class GeneSubset(StoreReads):
     def obs(self) -> pd.DataFrame:  # type: ignore[override]
         return self.store.obs
 
+    @property
+    def count_dtype(self) -> np.dtype | None:  # type: ignore[override]
+        return getattr(self.store, "count_dtype", None)
+
     def _select(self, x: sp.csr_matrix) -> sp.csr_matrix:
         # integer positions of the kept entries and ndarray.take everywhere: ~2x faster than boolean masks or
         # fancy indexing, and faster than scipy's x[:, idx] (12 vs 19 ms on a 4M-entry block)

@@ -297,6 +297,8 @@ def fit(
 
     steps_per_epoch = len(train_loader)
     timings = getattr(train_loader, "timings", None)  # per-stage seconds, from loaders that keep them
+    if hasattr(train_loader, "plan_epochs"):  # loaders that read into the next epoch stop at the last one
+        train_loader.plan_epochs(max_epochs)
 
     def loader_timings() -> dict[str, float] | None:
         return dict(timings()) if timings is not None else None
@@ -411,6 +413,8 @@ def fit(
         interrupt.__exit__()
         bar.close()
         metrics.close()
+        if hasattr(train_loader, "close"):  # a pass started ahead (early stopping, an error) is not needed now
+            train_loader.close()
     return result
 
 
