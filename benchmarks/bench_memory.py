@@ -9,9 +9,10 @@ Prints one JSON line per part on stdout (third-party output goes to stderr), the
    takes before its first minibatch (open the store, read ``obs`` and the batch codes, the row pointers, the
    train/validation split, the loader): what grows with the number of cells.
 3. ``train``: in a fresh child process per store, ``scvi_scale.api.train(store, run_dir, data={"batch_key":
-   "batch", "batch_size": --batch-size}, train={"max_epochs": 1, "progress": False, "num_threads":
-   --torch-threads})``: one epoch over the 90 % training split with the default block loader, then the default
-   validation pass over the other 10 %, the checkpoint and ``model.pt``. ``--max-steps N`` stops each epoch
+   "batch", "batch_size": --batch-size}, train={"max_epochs": --epochs, "progress": False, "num_threads":
+   --torch-threads})``: by default one epoch over the 90 % training split with the default block loader, then the
+   default validation pass over the other 10 %, the checkpoint and ``model.pt`` (``--epochs 2`` also crosses an
+   epoch boundary, where the next epoch's first piece is read ahead). ``--max-steps N`` stops each epoch
    after N minibatches instead (labelled in the output); the default is the whole epoch. ``--loader-memory``
    sets ``data.loader_memory_bytes`` (default 1 GiB); ``loader_max_inflight_bytes`` reports the peak bytes
    the training and validation loaders held (``StoreLoader.max_inflight_bytes``, read from the loaders
@@ -22,10 +23,10 @@ fork/exec can report the parent's peak), next to ``VmRSS`` right after its impor
 samples ``VmRSS`` twice a second (``rss_trace``: a rising trace means memory grows along the epoch).
 
 Summaries: ``peak_large/peak_small`` (target <= 1.10) and ``peak_large_bytes`` (target < 3 GB = 3e9 bytes).
-What to expect: the loader's read-ahead (bounded by ``data.loader_memory_bytes`` and the shuffle buffer, not
-by the store) reaches its steady state only once the split holds several shuffle buffers (65k cells each at
-2,000 genes), so a 100k-cell store sits below it; past that, the peak grows by the per-cell arrays of the set-up
-(``obs`` with its cell names, ``indptr``, codes, the split: ~115 bytes a cell, see ``setup``).
+What to expect: the loader holds the piece it cuts minibatches from and the next one (a shuffle buffer, 65k
+cells at 2,000 genes, 4 bytes a stored count), whatever the store's size; a 100k-cell store's split is only
+1.4 buffers, so it holds a little less. Past that, the peak grows by the per-cell arrays of the set-up
+(``indptr``, batch codes, the split: ~25 bytes a cell, see ``setup``).
 ``--quick`` builds tiny stores (2,000 and 10,000 cells x 200 genes) for the CI smoke test; its ratios mean
 nothing.
 """
@@ -189,7 +190,7 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
         args.store,
         args.out,
         data=data,
-        train={"max_epochs": 1, "progress": False, "num_threads": args.torch_threads},
+        train={"max_epochs": args.epochs, "progress": False, "num_threads": args.torch_threads},
         overwrite=True,
     )
     seconds = time.perf_counter() - t0
@@ -208,6 +209,7 @@ def child_train(args: argparse.Namespace) -> dict[str, Any]:
         "epoch_s": float(row["perf/epoch_s"]),
         "steps": int(row["step"]),
         "max_steps": args.max_steps,
+        "epochs": args.epochs,
         "train_elbo": float(row["train/elbo"]),
         "validation_elbo": float(row["validation/elbo"]) if "validation/elbo" in row else None,
         "loader_memory_bytes": loaders[0].memory_budget_bytes,
@@ -239,6 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--torch-threads", type=int, default=1, help="train.num_threads")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after N minibatches; 0: whole epoch")
+    p.add_argument("--epochs", type=int, default=1, help="train.max_epochs (>= 2 crosses an epoch boundary)")
     p.add_argument("--loader-memory", type=int, default=0, help="data.loader_memory_bytes; 0: the default (1 GiB)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per child process")
     p.add_argument("--quick", action="store_true", help="tiny smoke size: 2,000 and 10,000 cells x 200 genes")
@@ -269,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             "batch_size": args.batch_size,
             "torch_threads": args.torch_threads,
             "max_steps": args.max_steps or None,
+            "epochs": args.epochs,
             "loader_memory_bytes": args.loader_memory or None,
             "workdir": str(args.workdir),
             "disk_free_bytes": shutil.disk_usage(args.workdir).free,
@@ -286,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         out = args.workdir / f"run_{label}"
         train_extra = [*extra, "--out", str(out), "--torch-threads", str(args.torch_threads)]
         train_extra += ["--max-steps", str(args.max_steps), "--loader-memory", str(args.loader_memory)]
+        train_extra += ["--epochs", str(args.epochs)]
         load_before = os.getloadavg()[0]
         trained = run_child("train", train_extra, args.timeout)
         emit({**base, "part": "train", **trained, "load_avg_1m": [load_before, os.getloadavg()[0]]})

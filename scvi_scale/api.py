@@ -656,14 +656,14 @@ def _make_loaders(store: Any, codes: np.ndarray, train_rows: np.ndarray, val_row
         train_loader = MemoryLoader(counts, codes, train_rows, dc.batch_size, shuffle=True, seed=tc.seed)
         val_loader = MemoryLoader(counts, codes, val_rows, dc.batch_size, shuffle=False) if len(val_rows) else None
         return train_loader, val_loader
-    from scvi_scale.data.prefetch import StoreLoader
+    from scvi_scale.data.prefetch import StoreLoader, default_threads
 
     common = {
         "block_size": dc.block_size,
         "buffer_blocks": dc.buffer_blocks,
         "rank": ctx.rank,
         "world_size": ctx.world_size,
-        "num_threads": dc.loader_threads,
+        "num_threads": dc.loader_threads or default_threads(store),
         "memory_budget_bytes": dc.loader_memory_bytes,
         "device": ctx.device if ctx.device.type == "cuda" else None,
     }

@@ -40,7 +40,7 @@ class DataConfig:
     loader: Literal["auto", "memory", "block"] = "auto"
     block_size: int | None = None  # rows per block read; None: about 131k stored counts per block
     buffer_blocks: int = 128  # blocks shuffled together (minibatch mixing: see the loader's docstring)
-    loader_threads: int = 2  # reader threads
+    loader_threads: int | None = None  # reader threads; None: 2, or 8 for a store in object storage
     loader_memory_bytes: int = 1 << 30  # bytes of decoded rows the loader may hold in flight
 
     def __post_init__(self) -> None:
@@ -48,7 +48,8 @@ class DataConfig:
             raise ConfigError(f"data.batch_size must be >= 2 (BatchNorm needs 2 cells); got {self.batch_size}")
         if not 0.0 < self.train_size <= 1.0:
             raise ConfigError(f"data.train_size must be in (0, 1]; got {self.train_size}")
-        if self.block_size is not None and self.block_size < 1 or self.buffer_blocks < 1 or self.loader_threads < 1:
+        few_threads = self.loader_threads is not None and self.loader_threads < 1
+        if self.block_size is not None and self.block_size < 1 or self.buffer_blocks < 1 or few_threads:
             raise ConfigError("data.block_size, data.buffer_blocks and data.loader_threads must be >= 1")
 
 

@@ -5,18 +5,25 @@ Data path of one epoch on one rank (:class:`~scvi_scale.data.sampler.BlockSample
     sampler plan: pieces (a buffer's shuffled cells) + minibatch sizes
       -> reader threads (``num_threads``): a piece's rows sorted, merged into row ranges across small gaps
          (rows of the other split), split into one task per thread; ``store.read_range`` per range, the rows
-         asked for kept                                                                     [read, decode]
-      -> assembler thread, in plan order: piece CSR stacked; minibatch rows gathered from the loaded pieces
+         asked for written into the piece's arrays (uint16 counts and columns where the store allows:
+         :mod:`scvi_scale.data.piece`)                                                     [read, decode]
+      -> assembler thread, in plan order: minibatch rows copied out of the loaded pieces
          -> dense float32 ``x_ng`` + ``nonzero`` (CPU), or pinned COO values/indices (CUDA)   [decode, assemble]
       -> bounded queue -> consumer (the training loop's thread); on CUDA, non-blocking copies on a side
          stream and densification on the device                                           [h2d, idle]
 
 Minibatches come out in the sampler's order whatever the thread timing, so a seed gives the same batches for
-any thread count. ``memory_budget_bytes`` bounds the bytes in flight: pieces read or being read (their CSR,
-reserved exactly from the store's row pointers when it has them, else estimated from the rows read so far) plus
-assembled minibatches not yet handed out. Read-ahead stops while the budget is full; when nothing the consumer
-could free is in flight, the next piece or minibatch is let through even if it alone exceeds the budget
-(``max_inflight_bytes`` records the peak).
+any thread count. What is held: the piece minibatches are cut from, the next piece being read (one piece ahead:
+see :mod:`scvi_scale.data.pipeline`), and up to ``QUEUE_BATCHES`` minibatches; so the loader's memory is the
+same for a 100k-cell store as for a 100M-cell one. ``memory_budget_bytes`` bounds it further: pieces read or
+being read (reserved exactly from the store's row pointers when it has them, else estimated from the rows read
+so far) plus assembled minibatches not yet handed out. Read-ahead stops while the budget is full; when nothing
+the consumer could free is in flight, the next piece or minibatch is let through even if it alone exceeds the
+budget (``max_inflight_bytes`` records the peak).
+
+Across epochs: after :meth:`StoreLoader.plan_epochs` (``fit`` calls it), the first piece of the next epoch is
+read while the current epoch's last piece is consumed, so an epoch starts without waiting for its first read;
+that pass is used only if the next iteration is that epoch from its start (otherwise it is dropped).
 
 An exception in a thread is re-raised in the consumer, naming the store and the row range. Breaking out of the
 iteration, an exception in the training step or Ctrl-C stop the threads: pending reads are cancelled, running
@@ -41,13 +48,14 @@ from scvi_scale.data.piece import EntryDtypes
 from scvi_scale.data.pipeline import Pipeline, RangeReader, StoreReadError
 from scvi_scale.data.sampler import BlockSampler
 
-__all__ = ["StoreLoader", "StoreReadError", "RangeReader", "auto_block_size"]
+__all__ = ["StoreLoader", "StoreReadError", "RangeReader", "auto_block_size", "default_threads"]
 
 log = logging.getLogger(__name__)
 
 BLOCK_ENTRIES = 131_072  # automatic block size: about two Zarr chunks (ENTRY_CHUNK) of stored counts per block
 DEFAULT_BUFFER_BLOCKS = 128
 DEFAULT_THREADS = 2
+REMOTE_THREADS = 8  # object storage: a read mostly waits on the network, so more of them are kept in flight
 DEFAULT_MEMORY_BUDGET = 1 << 30
 UNSHUFFLED_BUFFER_BLOCKS = 4  # blocks per piece of an unshuffled pass (buffers only mix cells)
 STAGES = ("read_s", "decode_s", "assemble_s", "h2d_s", "idle_s")
@@ -76,6 +84,17 @@ def auto_block_size(store: RangeReader) -> int:
         per_row = store.read_range(0, min(n, 1024)).nnz / min(n, 1024)
     rows = BLOCK_ENTRIES / max(per_row, 1.0)
     return int(min(max(2 ** round(math.log2(rows)), 16), 4096))
+
+
+def default_threads(store: Any) -> int:
+    """Reader threads for ``store`` when the configuration leaves it open: ``REMOTE_THREADS`` for object storage
+    (its ``source`` is a URL), else ``DEFAULT_THREADS``.
+
+    Against moto's S3 server on the 2-core test machine 8 threads read ~20 % faster than 2 (the server's CPU,
+    not latency, is the limit there); against a real bucket, with 10-100 ms a request, the number of reads in
+    flight sets the pace, and waiting threads cost no CPU.
+    """
+    return REMOTE_THREADS if "://" in str(getattr(store, "source", "")) else DEFAULT_THREADS
 
 
 def _store_indptr(store: Any) -> np.ndarray | None:

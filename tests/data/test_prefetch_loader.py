@@ -355,3 +355,15 @@ def test_a_pass_started_ahead_is_dropped_when_another_pass_comes():
     without = StoreLoader(store, codes, None, 32, **KW)  # no plan_epochs: nothing beyond the pass
     list(without)
     _wait_for_threads(base)
+
+
+def test_object_storage_gets_more_reader_threads_by_default():
+    from scvi_scale.config import Config, config_from_dict
+    from scvi_scale.data.prefetch import DEFAULT_THREADS, REMOTE_THREADS, default_threads
+
+    local, remote = _store(), _store()
+    remote.source = "s3://bucket/atlas.zarr"
+    assert (default_threads(local), default_threads(remote)) == (DEFAULT_THREADS, REMOTE_THREADS)
+    assert Config().data.loader_threads is None
+    with pytest.raises(ValueError, match="loader_threads"):
+        config_from_dict({"data": {"loader_threads": 0}})
