@@ -7,9 +7,10 @@ are the largest thing in flight. Kept as scipy CSR they cost 8 bytes each (float
 genes: 4 bytes an entry, half the memory. Minibatches come out as ordinary float32/int32 CSR (:meth:`take`).
 
 When the store's row pointers are known (Zarr), a piece is allocated once at its exact size and the reader
-threads write their blocks straight into it (:meth:`CompactPiece.allocate`, :meth:`CompactPiece.fill`), so no
-second copy of the piece exists while it is assembled. Otherwise (TileDB, views) the blocks are converted as
-they arrive and joined once (:meth:`CompactPiece.join`).
+threads write their blocks straight into it (:meth:`CompactPiece.allocate`, :meth:`CompactPiece.fill`): beside
+the piece, each thread holds only the float32 block of its current ``read_range`` (at most two loader blocks of
+rows). Otherwise (TileDB, views) the blocks are converted as they arrive and joined once
+(:meth:`CompactPiece.join`), which briefly holds the piece twice.
 """
 
 from __future__ import annotations
@@ -86,13 +87,13 @@ class CompactPiece:
                 f"rows {first_row}..{first_row + block.shape[0]} of the piece hold {block.nnz} counts, "
                 f"the store's row pointers say {hi - lo}"
             )
-        self.values[lo:hi] = block.data  # a narrowing cast: the store declared counts and columns that fit
-        self.indices[lo:hi] = block.indices
+        self.values[lo:hi] = _fitting(block.data, self.values.dtype)  # narrowing: checked to fit
+        self.indices[lo:hi] = block.indices  # columns: below n_vars, which chose the dtype
 
     @classmethod
     def convert(cls, block: sp.csr_matrix, dtypes: EntryDtypes) -> CompactPiece:
         """One CSR block in ``dtypes`` (a copy)."""
-        values = block.data.astype(dtypes.values)
+        values = _fitting(block.data, dtypes.values).astype(dtypes.values)
         indices = block.indices.astype(dtypes.indices)
         return cls(np.asarray(block.indptr, dtype=np.int64), indices, values, block.shape[1])
 
@@ -131,3 +132,13 @@ class CompactPiece:
         if indptr[-1] < 2**31:  # int32 row pointers like the indices: scipy then keeps the arrays as they are
             indptr = indptr.astype(np.int32)
         return sp.csr_matrix((values, indices, indptr), shape=(idx.size, self.n_vars), copy=False)
+
+
+def _fitting(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``values``, after checking they fit a narrower integer ``dtype`` (a store whose metadata says uint16
+    counts while it holds larger ones must not wrap around silently)."""
+    if dtype.kind == "u" and values.size and values.dtype != dtype:
+        top = values.max()
+        if top > np.iinfo(dtype).max or values.min() < 0:
+            raise ValueError(f"a count of {top:g} does not fit the store's declared {dtype} counts")
+    return values

@@ -56,6 +56,7 @@ class Owner(Protocol):
     store: RangeReader
     source: str
     n_vars: int
+    block_size: int
     entry_dtypes: EntryDtypes  # how pieces keep their entries
     num_threads: int
     memory_budget_bytes: int
@@ -110,23 +111,26 @@ def _read_spans(
         t1 = time.perf_counter()
         if j - i != hi - lo:  # the range spans rows of the other split: keep ours
             m = m[srt[i:j] - lo]
-        if piece is None:
-            blocks.append(CompactPiece.convert(m, dtypes))
-        else:
-            try:
+        try:
+            if piece is None:
+                blocks.append(CompactPiece.convert(m, dtypes))
+            else:
                 piece.fill(i, m)
-            except ValueError as exc:
-                raise StoreReadError(f"{source}: rows [{lo}, {hi}) changed while reading ({exc})") from exc
+        except ValueError as exc:  # counts beyond the declared dtype, or rows that changed since the row pointers
+            raise StoreReadError(f"{source}: rows [{lo}, {hi}): {exc}") from exc
         read_s += t1 - t0
         decode_s += time.perf_counter() - t1
     return _Part(blocks, read_s, decode_s, True)
 
 
-def _split_spans(srt: np.ndarray, n_tasks: int) -> list[list[tuple[int, int]]]:
-    """Row ranges of a piece (merged across gaps of up to ``MAX_GAP_ROWS``), dealt into ``n_tasks`` contiguous
-    groups of about equal rows, so the threads share one piece and the first minibatch comes sooner."""
+def _split_spans(srt: np.ndarray, n_tasks: int, max_rows: int) -> list[list[tuple[int, int]]]:
+    """Row ranges of a piece (merged across gaps of up to ``MAX_GAP_ROWS``, cut to at most ``max_rows`` rows so
+    a ``read_range`` block, float32 before it is narrowed into the piece, stays small), dealt into ``n_tasks``
+    contiguous groups of about equal rows, so the threads share one piece and the first minibatch comes sooner."""
     cut = np.flatnonzero(np.diff(srt) > MAX_GAP_ROWS + 1) + 1
-    spans = list(zip(np.r_[0, cut].tolist(), np.r_[cut, srt.size].tolist(), strict=True))
+    spans = []
+    for a, b in zip(np.r_[0, cut].tolist(), np.r_[cut, srt.size].tolist(), strict=True):
+        spans += [(i, min(i + max_rows, b)) for i in range(a, b, max(max_rows, 1))]
     n_tasks = max(1, min(n_tasks, len(spans)))
     ends = np.array([j for _, j in spans])
     bounds = np.searchsorted(ends, np.linspace(0, srt.size, n_tasks + 1)[1:-1], side="left") + 1
@@ -211,6 +215,7 @@ class Pipeline:
         self.out: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self.stop = threading.Event()
         self.go = threading.Event()
+        self.seen = [0, 0]
         if not hold:
             self.go.set()
         self.pool = ThreadPoolExecutor(loader.num_threads, thread_name_prefix="scvi-scale-read")
@@ -236,10 +241,17 @@ class Pipeline:
             self.budget.release(item.nbytes)
             return item
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the threads; without ``wait`` (a finalizer, which may run on any thread) they end by themselves
+        within a poll interval, or after their current ``read_range``."""
         self.stop.set()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.thread.join()
+        self.pool.shutdown(wait=wait, cancel_futures=True)
+        if wait and threading.current_thread() is not self.thread:
+            self.thread.join()
+
+    def per_row(self) -> float | None:
+        """Stored counts per row read so far by this pass (None before its first piece)."""
+        return self.seen[0] / self.seen[1] if self.seen[1] else None
 
     # assembler thread
     def _put(self, item: tuple[str, Any]) -> bool:
@@ -262,7 +274,7 @@ class Pipeline:
         dtypes = loader.entry_dtypes
         pending: deque[_Pending] = deque()  # pieces submitted, in plan order
         loaded: deque[tuple[int, _Loaded]] = deque()  # (stream offset of the piece, piece)
-        seen = [0, 0]  # counts and rows read so far (estimates for stores without row pointers)
+        seen = self.seen  # counts and rows read so far (estimates for stores without row pointers)
         next_piece = 0  # the next piece to submit
         covered = 0  # stream offset up to which pieces are loaded
         pos = 0  # stream offset of the next minibatch
@@ -287,7 +299,7 @@ class Pipeline:
             nonlocal next_piece
             tasks = [
                 self.pool.submit(_read_spans, loader.store, loader.source, srt, spans, self.stop, piece, dtypes)
-                for spans in _split_spans(srt, loader.num_threads)
+                for spans in _split_spans(srt, loader.num_threads, 2 * loader.block_size)
             ]
             pending.append(_Pending(piece_rows, srt, tasks, reserved, piece))
             next_piece += 1
@@ -301,12 +313,17 @@ class Pipeline:
             while next_piece < len(self.pieces) and len(pending) <= loader.num_threads:
                 if pending and sum(p.rows.size for p in pending) >= ahead_limit:
                     return  # a piece (or enough small ones) is being read ahead: that covers the reading time
-                piece_rows = rows[self.pieces[next_piece].positions()]
-                srt = np.sort(piece_rows)
-                est, piece = reserve(piece_rows, srt)
+                if prepared.get("index") != next_piece:  # kept while the budget is full: tried again next time
+                    piece_rows = rows[self.pieces[next_piece].positions()]
+                    srt = np.sort(piece_rows)
+                    prepared.update(index=next_piece, rows=piece_rows, srt=srt, reserve=reserve(piece_rows, srt))
+                est, piece = prepared["reserve"]
                 if est is None or not self.budget.try_acquire(est, room):
                     return
-                submit(piece_rows, srt, est, piece)
+                submit(prepared["rows"], prepared["srt"], est, piece)
+                prepared.clear()
+
+        prepared: dict[str, Any] = {}  # the next piece's rows and reservation, made once
 
         def force() -> bool:
             return self.budget.used <= held()
@@ -318,6 +335,7 @@ class Pipeline:
                     piece_rows = rows[self.pieces[next_piece].positions()]
                     srt = np.sort(piece_rows)
                     est, piece = reserve(piece_rows, srt)
+                    prepared.clear()
                     if not self.budget.acquire(est or 0, self.stop, force):
                         return
                     submit(piece_rows, srt, est or 0, piece)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,7 @@ import scipy.sparse as sp
 import torch
 
 from scvi_scale.data.batch import Batch
-from scvi_scale.data.piece import EntryDtypes
+from scvi_scale.data.piece import EntryDtypes, piece_bytes
 from scvi_scale.data.pipeline import Pipeline, RangeReader, StoreReadError
 from scvi_scale.data.sampler import BlockSampler
 
@@ -188,7 +189,7 @@ class StoreLoader:
         self.max_inflight_bytes = 0
         self.prefetch_next_epoch = bool(shuffle)  # training passes; an unshuffled pass is usually run once
         self.epoch_limit: int | None = None  # read ahead into epochs below this only (set by plan_epochs)
-        self._warm: tuple[int, Pipeline] | None = None  # the next epoch's pass, started while this one ends
+        self._warm: tuple[int, Pipeline, weakref.finalize] | None = None  # the next epoch's pass, started early
 
     # -- the Loader protocol ----------------------------------------------------------------------------------------
     @property
@@ -221,10 +222,16 @@ class StoreLoader:
         self.epoch_limit = int(max_epochs)
 
     def close(self) -> None:
-        """Stop a pass started ahead for the next epoch (training ended early, or the loader is done); it
-        holds a piece and threads until then."""
+        """Stop a pass started ahead for the next epoch (training ended early, or the loader is done), which
+        holds a piece and threads until then, and read ahead no more until :meth:`plan_epochs` is called again.
+        A loader dropped without it stops that pass when it is garbage-collected."""
+        self.epoch_limit = None
+        self._drop_warm()
+
+    def _drop_warm(self) -> None:
         warm, self._warm = self._warm, None
         if warm is not None:
+            warm[2].detach()
             warm[1].close()
 
     def state_dict(self, steps_done: int) -> dict:
@@ -240,31 +247,32 @@ class StoreLoader:
         return dict(self.times)
 
     def __iter__(self) -> Iterator[Batch]:
-        warm = self._claim_warm()
-        plan = self.sampler.start_pass()
-        if not plan.batch_sizes:
-            if warm is not None:
-                warm.close()
-            return
-        pipe = warm or Pipeline(self, self.sampler.rows, plan.pieces, plan.batch_sizes)
-        pipe.release()
-        warm_from = self._warm_step(plan) if self._may_read_ahead(self.sampler.epoch + 1) else None
         stager = _DeviceStager(self.device) if self.device.type == "cuda" else None
+        pipe = None
         try:
+            pipe = self._claim_warm()
+            plan = self.sampler.start_pass()
+            if not plan.batch_sizes:
+                return
+            if pipe is None:
+                pipe = Pipeline(weakref.proxy(self), self.sampler.rows, plan.pieces, plan.batch_sizes)
+            pipe.release()
+            warm_from = self._warm_step(plan) if self._may_read_ahead(self.sampler.epoch + 1) else None
             for k in range(len(plan.batch_sizes)):
                 t0 = time.perf_counter()
                 hb = pipe.get()
                 t1 = time.perf_counter()
                 if k == warm_from:  # the last piece is loaded: this pass reads no more, the next epoch's may
-                    self._start_warm(self.sampler.epoch + 1)
+                    self._start_warm(self.sampler.epoch + 1, pipe)
                     t1 = time.perf_counter()
                 batch = stager.stage(hb) if stager is not None else hb.batch
                 self.times["idle_s"] += t1 - t0
                 self.times["h2d_s"] += time.perf_counter() - t1
                 yield batch
         finally:
-            pipe.close()
-            self.max_inflight_bytes = max(self.max_inflight_bytes, pipe.budget.peak)
+            if pipe is not None:
+                pipe.close()
+                self.max_inflight_bytes = max(self.max_inflight_bytes, pipe.budget.peak)
 
     # -- reading across the epoch boundary ----------------------------------------------------------------------------
     def _may_read_ahead(self, epoch: int) -> bool:
@@ -277,21 +285,40 @@ class StoreLoader:
         ends = np.cumsum(plan.batch_sizes)
         return int(np.searchsorted(ends, last_start, side="right"))
 
-    def _start_warm(self, epoch: int) -> None:
-        self.close()
+    def _start_warm(self, epoch: int, current: Pipeline) -> None:
+        """Start ``epoch``'s pass, held after its first piece, if that piece fits the memory budget beside what
+        the ``current`` pass still holds (its last piece and queued minibatches: that only shrinks now)."""
+        self._drop_warm()
         plan = self.sampler.plan_of(epoch)
-        if plan.batch_sizes:
-            self._warm = (epoch, Pipeline(self, self.sampler.rows, plan.pieces, plan.batch_sizes, hold=True))
+        if not plan.batch_sizes:
+            return
+        first = self.sampler.rows[plan.pieces[0].positions()]
+        if self._indptr is not None:
+            nnz = int(self.row_nnz(first).sum())
+        else:
+            per_row = current.per_row() or self.nnz_per_row
+            if per_row is None:
+                return
+            nnz = math.ceil(per_row * first.size)
+        need = piece_bytes(nnz, first.size, self.entry_dtypes)
+        if current.budget.used + need > self.memory_budget_bytes:
+            return
+        self.max_inflight_bytes = max(self.max_inflight_bytes, current.budget.used + need)
+        pipe = Pipeline(weakref.proxy(self), self.sampler.rows, plan.pieces, plan.batch_sizes, hold=True)
+        # the pass holds the loader weakly: dropping the loader without close() still stops the pass
+        self._warm = (epoch, pipe, weakref.finalize(self, pipe.close, False))
 
     def _claim_warm(self) -> Pipeline | None:
         """The pass started ahead, when it is exactly the one about to run; otherwise it is stopped."""
-        warm, self._warm = self._warm, None
+        warm = self._warm
         if warm is None:
             return None
-        epoch, pipe = warm
+        epoch, pipe, finalizer = warm
         if epoch == self.sampler.epoch and self.sampler.at_epoch_start:
+            self._warm = None
+            finalizer.detach()
             return pipe
-        pipe.close()
+        self._drop_warm()
         return None
 
     # -- sizes and assembly: the Pipeline's Owner protocol, called from its assembler thread ---------------------------

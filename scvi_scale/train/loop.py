@@ -410,11 +410,13 @@ def fit(
         path = checkpoint(epoch, steps_done, sums, collective=False)
         raise TrainingInterrupted(path, epoch, steps_done, steps_per_epoch) from None
     finally:
-        interrupt.__exit__()
-        bar.close()
-        metrics.close()
-        if hasattr(train_loader, "close"):  # a pass started ahead (early stopping, an error) is not needed now
-            train_loader.close()
+        try:
+            if hasattr(train_loader, "close"):  # a pass started ahead (early stopping, an error) is not needed now
+                train_loader.close()
+        finally:
+            interrupt.__exit__()
+            bar.close()
+            metrics.close()
     return result
 
 

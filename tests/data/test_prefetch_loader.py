@@ -308,7 +308,7 @@ def _piece_reads(loader: StoreLoader, epoch: int) -> list[tuple[int, int]]:
     from scvi_scale.data.pipeline import _split_spans
 
     srt = np.sort(loader.sampler.rows[loader.sampler.plan_of(epoch).pieces[0].positions()])
-    spans = [sp for group in _split_spans(srt, loader.num_threads) for sp in group]
+    spans = [sp for group in _split_spans(srt, loader.num_threads, 2 * loader.block_size) for sp in group]
     return [(int(srt[i]), int(srt[j - 1]) + 1) for i, j in spans]
 
 
@@ -325,9 +325,12 @@ def test_next_epoch_first_piece_is_read_while_the_epoch_ends():
             loader.set_epoch(epoch)
             batches[name] = [b.rows_n for b in loader]
         assert all(np.array_equal(u, v) for u, v in zip(*batches.values(), strict=True)), "the same minibatches"
-        time.sleep(0.2)  # the threads read whatever they are allowed to
         # the next epoch's first piece is in already (and was not read again), nothing more; nothing for epoch 3
         extra = _piece_reads(loaders["ahead"], epoch + 1) if epoch + 1 < 3 else []
+        t0 = time.monotonic()
+        while len(ahead.reads) < len(plain.reads) + len(extra) and time.monotonic() - t0 < 20:
+            time.sleep(0.01)
+        time.sleep(0.1)  # time to read anything further (there must be nothing)
         assert sorted(ahead.reads) == sorted(plain.reads + extra)
     loaders["ahead"].close()
     _wait_for_threads(base)
@@ -367,3 +370,29 @@ def test_object_storage_gets_more_reader_threads_by_default():
     assert Config().data.loader_threads is None
     with pytest.raises(ValueError, match="loader_threads"):
         config_from_dict({"data": {"loader_threads": 0}})
+
+
+def test_a_pass_started_ahead_stays_within_the_budget_and_ends_with_the_loader():
+    import gc
+
+    store = _store()
+    codes = np.zeros(store.n_obs, dtype=np.int64)
+    base = threading.active_count()
+    roomy = StoreLoader(store, codes, None, 32, **KW)
+    roomy.plan_epochs(5)
+    list(roomy)
+    assert roomy._warm is not None and roomy.max_inflight_bytes <= roomy.memory_budget_bytes
+    del roomy  # never closed: dropping the loader stops the pass it started ahead
+    gc.collect()
+    _wait_for_threads(base)
+    # a budget smaller than a piece (the loader still runs, one piece at a time): no piece is read early
+    tight = StoreLoader(store, codes, None, 32, memory_budget_bytes=4_000, **KW)
+    tight.plan_epochs(5)
+    list(tight)
+    assert tight._warm is None
+    closed = StoreLoader(store, codes, None, 32, **KW)
+    closed.plan_epochs(5)
+    closed.close()  # no more reading ahead until plan_epochs again
+    list(closed)
+    assert closed._warm is None
+    _wait_for_threads(base)
