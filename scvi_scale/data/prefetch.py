@@ -32,8 +32,6 @@ ones stop after their current ``read_range`` (a stop waits for at most one per t
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import math
 import time
@@ -48,7 +46,7 @@ import torch
 
 from scvi_scale.data.batch import Batch
 from scvi_scale.data.piece import EntryDtypes, piece_bytes
-from scvi_scale.data.pipeline import Pipeline, RangeReader, StoreReadError
+from scvi_scale.data.pipeline import Pipeline, RangeReader, StoreReadError, release_free_memory
 from scvi_scale.data.sampler import BlockSampler
 
 __all__ = ["StoreLoader", "StoreReadError", "RangeReader", "auto_block_size", "default_threads"]
@@ -98,28 +96,6 @@ def default_threads(store: Any) -> int:
     flight sets the pace, and waiting threads cost no CPU.
     """
     return REMOTE_THREADS if "://" in str(getattr(store, "source", "")) else DEFAULT_THREADS
-
-
-def release_free_memory() -> None:
-    """Hand memory freed inside the C allocator back to the system (glibc's ``malloc_trim``; elsewhere nothing).
-
-    Each pass starts new reader threads, and glibc gives new threads new malloc arenas that keep what they freed
-    (the blocks ``read_range`` decodes are below its mmap threshold once it has adapted): without a trim after
-    each pass, the resident set of training from a store grew ~60-80 MB an epoch until the arena limit, on the
-    100k-cell benchmark store (1.02 GB after one epoch, 1.22 GB after three; 1.10 GB with the trim). A trim
-    takes milliseconds.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        return None
 
 
 def _store_indptr(store: Any) -> np.ndarray | None:
