@@ -43,7 +43,7 @@ READ_AHEAD_BATCHES = 8  # read a further piece ahead only while those ahead hold
 _POLL_S = 0.05  # how often blocked threads look at the stop flag
 
 
-def release_free_memory() -> None:
+def release_free_memory(min_interval_s: float = 0.0) -> None:
     """Hand memory freed inside the C allocator back to the system (glibc's ``malloc_trim``; elsewhere nothing).
 
     Called when a piece is let go and after each pass. Reader threads decode blocks of ~1 MB, below glibc's mmap
@@ -51,11 +51,17 @@ def release_free_memory() -> None:
     threads, and glibc gives new threads new arenas. Without trims the resident set of training from a store grew
     ~60-80 MB an epoch on the 100k-cell benchmark store (1.02 GB after one epoch, 1.22 GB after three; 1.08 GB
     with a trim after each pass) and ~80 MB along one epoch of the 2M-cell store. A trim takes well under a
-    millisecond when there is little to hand back.
+    millisecond when there is little to hand back, ~1 ms in a loader at work: ``min_interval_s`` skips trims
+    closer together than that (the small pieces of an unshuffled pass are let go many times a second).
     """
     trim = _malloc_trim()
-    if trim is not None:
+    now = time.monotonic()
+    if trim is not None and now - _last_trim[0] >= min_interval_s:
+        _last_trim[0] = now
         trim(0)
+
+
+_last_trim = [float("-inf")]  # when the last trim ran (any thread: a skipped or doubled trim is harmless)
 
 
 @functools.cache
@@ -407,7 +413,7 @@ class Pipeline:
             pos = end
             while loaded and loaded[0][0] + loaded[0][1].rows.size <= pos:  # pieces fully handed out
                 self.budget.release(loaded.popleft()[1].nbytes)
-                release_free_memory()
+                release_free_memory(min_interval_s=1.0)
             read_ahead()
             if not self._put(("batch", hb)):
                 return
