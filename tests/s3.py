@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pytest
+
 __all__ = ["KEY_ID", "REGION", "SECRET", "MotoServer", "free_port", "make_bucket", "s3_env", "upload_tree"]
 
 # Dummy credentials (moto accepts any); the secret is distinctive so leak tests can search for it.
@@ -85,6 +87,15 @@ class MotoServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def point_env_at(mp: pytest.MonkeyPatch, endpoint: str) -> None:
+    """Set (through ``mp``) the environment of :func:`s3_env`, unsetting what it says to unset."""
+    for name, value in s3_env(endpoint).items():
+        if value is None:
+            mp.delenv(name, raising=False)
+        else:
+            mp.setenv(name, value)
 
 
 def s3_env(endpoint: str) -> dict[str, str | None]:

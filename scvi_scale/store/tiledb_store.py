@@ -38,6 +38,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scvi_scale.store.errors import InputError
+from scvi_scale.store.lock import folder_lock
 from scvi_scale.store.memory import StoreReads
 from scvi_scale.store.tiledb_frame import read_frame as _read_frame
 from scvi_scale.store.tiledb_frame import write_frame as _write_frame
@@ -289,9 +290,7 @@ class TileDBStore(StoreReads):
         Read under the store's shared lock (local stores) unless the caller holds the exclusive one: TileDB
         writes a metadata file in place, and a reader that lists it half written fails to open the group.
         """
-        from scvi_scale.store.zarr_store import metadata_lock
-
-        with contextlib.nullcontext() if locked else metadata_lock(self._lock_folder, shared=True):
+        with contextlib.nullcontext() if locked else folder_lock(self._lock_folder, shared=True):
             with tiledb.Group(self.uri, ctx=self._ctx) as group:
                 meta = {key: group.meta[key] for key in group.meta.keys()}
         return {**meta, "provenance": json.loads(meta.get("provenance", "{}"))}
@@ -305,13 +304,11 @@ class TileDBStore(StoreReads):
 
         TileDB writes each change as a metadata file of its own holding only this key, so writers of different
         keys keep each other's. On local disk writers (and readers) are serialized by a lock on the store's folder
-        (:func:`~scvi_scale.store.zarr_store.metadata_lock`); object storage has no such lock and needs none
+        (:func:`~scvi_scale.store.lock.folder_lock`); object storage has no such lock and needs none
         for this (a metadata object is written whole, by one PUT).
         """
-        from scvi_scale.store.zarr_store import metadata_lock
-
         tiledb = _tiledb()
-        with metadata_lock(self._lock_folder):
+        with folder_lock(self._lock_folder):
             with tiledb.Group(self.uri, ctx=self._ctx) as group:
                 present = key in group.meta
             with tiledb.Group(self.uri, "w", ctx=self._ctx) as group:

@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -42,13 +41,9 @@ import scipy.sparse as sp
 import zarr
 
 from scvi_scale.store.errors import InputError
+from scvi_scale.store.lock import folder_lock
 from scvi_scale.store.memory import StoreReads, library_log_stats_from_totals
 from scvi_scale.store.open import open_zarr_group, resolve_location
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; metadata writers there are not serialized
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "ENTRY_CHUNK",
@@ -64,8 +59,6 @@ __all__ = [
     "utc_now",
     "write_elem",
 ]
-
-logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ENTRY_CHUNK = 65_536
@@ -107,33 +100,10 @@ def _local_root(location: Any) -> str | None:
     return os.fspath(root) if isinstance(location, zarr.storage.LocalStore) and root is not None else None
 
 
-@contextlib.contextmanager
-def metadata_lock(location: Any, *, shared: bool = False) -> Iterator[None]:
-    """Hold a ``flock`` on the folder of a local store (a path or a zarr ``LocalStore``) meanwhile.
-
-    Exclusive for writers of the store's metadata; ``shared`` for readers that must not see a write half done
-    (TileDB writes its metadata files in place). The folder itself is locked, not a lock file in it: zarr warns
-    about every file in a group that is not a node of the hierarchy (``anndata.read_zarr`` included), and a
-    folder needs no write permission to lock. Object storage has no such lock: there this does nothing, as it
-    does where the file system refuses to lock (NFS without write access: a warning says so). Not reentrant:
-    ``flock`` locks belong to the open file, so a process that takes it twice waits on itself.
-    """
-    folder = _local_root(location)
-    fd = None
-    if folder is not None and fcntl is not None and os.path.isdir(folder):
-        try:
-            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)  # waits for the holder; released on close
-        except OSError as exc:
-            if fd is not None:
-                os.close(fd)
-                fd = None
-            logger.warning("%s: cannot lock the store (%s); its metadata writers are not serialized", folder, exc)
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
+def metadata_lock(location: Any, *, shared: bool = False) -> contextlib.AbstractContextManager[None]:
+    """:func:`~scvi_scale.store.lock.folder_lock` on the folder of a local store (a path or a zarr
+    ``LocalStore``); nothing for object storage."""
+    return folder_lock(_local_root(location), shared=shared)
 
 
 def _change_metadata(store: Any, path: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:

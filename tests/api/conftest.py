@@ -14,14 +14,10 @@ def s3_atlas(s3_server: str, small_atlas: Path) -> str:
     Tests that read it ask for ``s3_env`` too (the ``AWS_*`` environment pointing at the server).
     """
     import scvi_scale as ss
-    from tests.s3 import make_bucket, s3_env
+    from tests.s3 import make_bucket, point_env_at
 
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in s3_env(s3_server).items():
-            if value is None:
-                mp.delenv(name, raising=False)
-            else:
-                mp.setenv(name, value)
+        point_env_at(mp, s3_server)
         url = f"{make_bucket(s3_server, 'api')}/atlas.zarr"
         ss.convert([small_atlas], url, batch_key="batch", progress=False)
     return url

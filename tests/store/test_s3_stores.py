@@ -22,7 +22,7 @@ from scvi_scale.store import InputError, MemoryStore, read_h5ad
 from scvi_scale.store.convert import convert
 from scvi_scale.store.open import open_store, resolve_location, s3_settings
 from scvi_scale.store.zarr_store import CsrAppender, ZarrStore, create_layout, set_complete, write_elem
-from tests.s3 import KEY_ID, SECRET, free_port, make_bucket, s3_env, upload_tree
+from tests.s3 import KEY_ID, SECRET, free_port, make_bucket, point_env_at, upload_tree
 
 pytest.importorskip("obstore")
 pytest.importorskip("s3fs")
@@ -37,11 +37,7 @@ OPTION_SECRET = "option-secret-must-not-leak"  # a second secret, given through 
 def endpoint(s3_server: str):
     """The test server, with the ``AWS_*`` environment pointing at it for this module's fixtures and tests."""
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in s3_env(s3_server).items():
-            if value is None:
-                mp.delenv(name, raising=False)
-            else:
-                mp.setenv(name, value)
+        point_env_at(mp, s3_server)
         yield s3_server
 
 
